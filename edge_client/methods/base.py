@@ -1,0 +1,41 @@
+"""What a client half of a method is: given the round's task, train locally and say what to upload."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+
+@dataclass
+class RoundTask:
+    """One round as the aggregator hands it out."""
+
+    run_id: str
+    round_id: int
+    method: str
+    settings: dict[str, Any]
+    tensors: dict[str, np.ndarray]  # the global state plus any per-client extras (e.g. experts)
+    deadline_unix: float
+
+
+@dataclass
+class RoundResult:
+    """What a client sends back: only `tensors` leave the device, plus counts, metrics and privacy."""
+
+    tensors: dict[str, np.ndarray]
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    privacy: dict[str, float] = field(default_factory=dict)  # e.g. epsilon, delta, sigma, clip, steps
+
+
+class ClientMethod(ABC):
+    """Client half of a method. Holds whatever stays on the device (local prompts, gating nets)."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def run_round(self, task: RoundTask) -> RoundResult:
+        """Train on local data starting from the task's tensors and return the update to upload."""
