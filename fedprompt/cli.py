@@ -31,7 +31,33 @@ class LazyGroup(click.Group):
         return super().get_command(ctx, cmd_name)
 
 
+class DefaultLazyGroup(LazyGroup):
+    """A lazy group that runs `default_command` when the first argument names no subcommand,
+    so that `fedprompt bench BUNDLE` and `fedprompt bench train BUNDLE` both work."""
+
+    def __init__(self, *args, default_command: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.default_command = default_command
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.list_commands(ctx) and args[0] not in ("-h", "--help"):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
 @click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fedprompt")
 def main() -> None:
     """Federated prompt learning for CLIP on edge devices, with honest differential privacy."""
+
+
+@main.group(
+    cls=DefaultLazyGroup,
+    default_command="encoders",
+    lazy_commands={
+        "encoders": "export.bench:bench_encoders",
+        "train": "edge_client.train_bench:bench_train",
+    },
+)
+def bench() -> None:
+    """Benchmarks: `bench BUNDLE` (frozen encoders, the default) and `bench train BUNDLE`."""
