@@ -11,7 +11,10 @@ import importlib
 import click
 
 # command name -> "module:attribute" of a click command; each capability adds its own line.
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "aggregator": "aggregator.cli:aggregator",
+    "client": "edge_client.cli:client",
+}
 
 
 class LazyGroup(click.Group):

@@ -36,6 +36,11 @@ class ServerStrategy(ABC):
         """What this client is sent this round; by default the global state."""
         return state
 
+    def update_spec(self, state: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]] | None:
+        """Names and shapes every update must have; None = not known yet (e.g. before round 1),
+        then the first accepted update of the round sets them for the rest of the round."""
+        return {name: tensor.shape for name, tensor in state.items()} or None
+
     @abstractmethod
     def aggregate(
         self, state: dict[str, np.ndarray], updates: list[ClientUpdate]
@@ -46,5 +51,5 @@ class ServerStrategy(ABC):
         """Extra server-side state beyond the global tensors (pools, accountants); JSON-able."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 (a no-op by default)
         """Restore what `state_dict` returned."""

@@ -1,0 +1,171 @@
+"""`fedprompt aggregator ...`: run the daemon, read its progress, manage enrolment tokens."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import click
+
+from aggregator.config import ConfigError, load_config
+from aggregator.rounds import Refused
+from aggregator.store import SQLiteStore, StoreError
+
+STATE_OPTION = click.option(
+    "--state",
+    "state",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The aggregator's SQLite state file (default: the one named by --config, else "
+    "./fedprompt-aggregator.sqlite).",
+)
+CONFIG_OPTION = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="TOML config; without it every setting has its documented default.",
+)
+
+
+def state_path(config_path: Path | None, state: Path | None) -> Path:
+    if state is not None:
+        return state
+    try:
+        return load_config(config_path).state_path
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+
+
+@click.group()
+def aggregator() -> None:
+    """The aggregator daemon: `serve`, `status`, and enrolment `token`s."""
+
+
+@aggregator.command()
+@CONFIG_OPTION
+@click.option("--host", default=None, help="Address to listen on (config: server.host, default 127.0.0.1).")
+@click.option(
+    "--port", type=int, default=None, help="Port (config: server.port, default 50051; 0 = any free)."
+)
+@STATE_OPTION
+@click.option("--rounds", type=int, default=None, help="Rounds to run (config: rounds.rounds, default 10).")
+@click.option(
+    "--min-clients", type=int, default=None, help="Live clients needed to start a round (default 2)."
+)
+@click.option(
+    "--round-timeout", type=float, default=None, help="Seconds a round waits for updates (default 300)."
+)
+def serve(
+    config_path: Path | None,
+    host: str | None,
+    port: int | None,
+    state: Path | None,
+    rounds: int | None,
+    min_clients: int | None,
+    round_timeout: float | None,
+) -> None:
+    """Run the aggregator: wait for clients, run the rounds, then keep serving the final prompt
+    until SIGTERM/SIGINT. Restarting with the same config resumes from the last committed round."""
+    from aggregator.server import serve as run_daemon
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s aggregator %(message)s", datefmt="%H:%M:%S")
+    try:
+        config = load_config(config_path).with_overrides(
+            {"host": host, "port": port, "state": None if state is None else str(state)},
+            {"rounds": rounds, "min_clients": min_clients, "round_timeout_s": round_timeout},
+        )
+        run_daemon(config)
+    except (ConfigError, StoreError, RuntimeError) as error:
+        raise click.ClickException(str(error)) from None
+    except Refused as refusal:
+        raise click.ClickException(refusal.message) from None
+
+
+@aggregator.command()
+@CONFIG_OPTION
+@STATE_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the rounds as JSON instead of a table.")
+def status(config_path: Path | None, state: Path | None, as_json: bool) -> None:
+    """Print the run and the metrics of every committed round."""
+    try:
+        store = SQLiteStore(state_path(config_path, state), read_only=True)
+        info, records = store.run_info(), store.rounds()
+    except StoreError as error:
+        raise click.ClickException(str(error)) from None
+    if as_json:
+        rows = [{"round": r.round_id, "committed_at": r.committed_at, **r.metrics} for r in records]
+        click.echo(json.dumps({"run_id": info.run_id if info else None, "rounds": rows}, indent=2))
+        return
+    if info is None:
+        click.echo("no run yet")
+        return
+    click.echo(f"run {info.run_id}  method {info.method}  {len(records)} round(s) committed")
+    header = ("round", "clients", "examples", "accuracy", "up KB", "down KB", "epsilon")
+    click.echo(" ".join(f"{name:>8}" for name in header))
+    for record in records:
+        m = record.metrics
+        accuracy = m["client_metrics"].get("accuracy")
+        epsilon = m.get("epsilon_max")
+        cells = (
+            record.round_id,
+            len(m["clients"]),
+            m["num_examples"],
+            "-" if accuracy is None else f"{accuracy:.3f}",
+            f"{m['bytes_up_per_client'] / 1024:.1f}",
+            f"{m['bytes_down_per_client'] / 1024:.1f}",
+            "-" if epsilon is None else f"{epsilon:.3g}",
+        )
+        click.echo(" ".join(f"{cell:>8}" for cell in cells))
+
+
+@aggregator.group()
+def token() -> None:
+    """Enrolment tokens: one per device; revoking one cuts that device off."""
+
+
+@token.command("issue")
+@CONFIG_OPTION
+@STATE_OPTION
+@click.option("--label", default="", help="A note stored with the token (device name, owner).")
+@click.option("--count", type=click.IntRange(1, 10000), default=1, help="How many tokens to issue.")
+def token_issue(config_path: Path | None, state: Path | None, label: str, count: int) -> None:
+    """Issue tokens and print them, one per line (they are shown only once)."""
+    try:
+        store = SQLiteStore(state_path(config_path, state))
+        for _ in range(count):
+            click.echo(store.issue_token(label))
+    except StoreError as error:
+        raise click.ClickException(str(error)) from None
+
+
+@token.command("revoke")
+@CONFIG_OPTION
+@STATE_OPTION
+@click.argument("token_id")
+def token_revoke(config_path: Path | None, state: Path | None, token_id: str) -> None:
+    """Revoke a token by its id (the part before the dot); its client's session ends at once."""
+    try:
+        SQLiteStore(state_path(config_path, state)).revoke_token(token_id.split(".")[0])
+    except StoreError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"revoked {token_id.split('.')[0]}")
+
+
+@token.command("list")
+@CONFIG_OPTION
+@STATE_OPTION
+def token_list(config_path: Path | None, state: Path | None) -> None:
+    """List tokens (ids only, never the secrets) and the clients enrolled with them."""
+    try:
+        tokens = SQLiteStore(state_path(config_path, state), read_only=True).tokens()
+    except StoreError as error:
+        raise click.ClickException(str(error)) from None
+    for info in tokens:
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.created_at))
+        state_text = "revoked" if info.revoked else "active"
+        click.echo(
+            f"{info.token_id}  {state_text:<7}  {created}  client={info.client_id or '-'}  {info.label}"
+        )

@@ -1,0 +1,191 @@
+"""The aggregator's configuration: a TOML file with documented defaults, overridable by flags.
+
+Sections: [server] (network, limits, state file), [rounds] (how rounds are scheduled),
+[method] (which method), [training] (parsed by `fedprompt.common.settings.TrainingSettings`, the
+one settings class both halves read, and sent to clients as JSON in every task). Unknown keys
+and bad values are errors with one line, because a typo must not silently run with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fedprompt.common.codec import ENCODINGS
+from fedprompt.common.methods import METHOD_NAMES
+from fedprompt.common.settings import SettingsError, TrainingSettings
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message is one line."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Network, limits and state. `state` is relative to the config file's folder."""
+
+    host: str = "127.0.0.1"  # "0.0.0.0" accepts devices from the network
+    port: int = 50051
+    state: str = "fedprompt-aggregator.sqlite"
+    max_message_mb: float = 4.0  # largest single gRPC message, enforced by both sides
+    max_payload_mb: float = 64.0  # largest task/update/model payload after chunking
+    chunk_kb: int = 1024  # payload chunk size on the wire
+    workers: int = 32  # gRPC handler threads (each polling client holds one only briefly)
+    task_encoding: str = "fp32"  # how global tensors travel to clients
+    update_encoding: str = "fp16"  # how clients must encode updates (fp16: 16 KB for a 16x512 prompt)
+
+    def check(self) -> None:
+        _require(0 <= self.port < 65536, "server.port must be in 0..65535 (0 = any free port)")
+        _require(
+            self.max_message_mb > 0 and self.max_payload_mb > 0, "server message limits must be positive"
+        )
+        _require(
+            self.chunk_kb * 1024 + 4096 <= self.max_message_mb * 2**20,
+            "server.chunk_kb must leave room under server.max_message_mb",
+        )
+        _require(self.workers >= 2, "server.workers must be at least 2")
+        for name in ("task_encoding", "update_encoding"):
+            value = getattr(self, name)
+            _require(
+                value in ENCODINGS, f"server.{name} must be one of {', '.join(ENCODINGS)}, got {value!r}"
+            )
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.max_message_mb * 2**20)
+
+    @property
+    def max_payload_bytes(self) -> int:
+        return int(self.max_payload_mb * 2**20)
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """Round scheduling. Each round samples max(min_fit, ceil(fraction * live clients)) clients and
+    waits until all of them reported, went silent, or `round_timeout_s` passed. A round with fewer
+    than `min_updates` updates by then is extended: the updates received are kept, more live
+    clients are sampled and the deadline moves by another `round_timeout_s`."""
+
+    rounds: int = 10
+    min_clients: int = 2  # enrolled, live clients needed before round 1 (and any later round) starts
+    fraction: float = 1.0
+    min_fit: int = 2
+    min_updates: int = 2
+    round_timeout_s: float = 300.0
+    poll_interval_s: float = 2.0  # how long idle clients are told to wait before polling again
+    heartbeat_interval_s: float = 10.0
+    client_timeout_s: float = 60.0  # a client silent this long (no poll, no heartbeat) is not live
+    seed: int = 0  # client sampling
+
+    def check(self) -> None:
+        _require(self.rounds >= 1, "rounds.rounds must be at least 1")
+        _require(self.min_updates >= 1, "rounds.min_updates must be at least 1")
+        _require(
+            self.min_updates <= self.min_fit <= self.min_clients,
+            "rounds need min_updates <= min_fit <= min_clients",
+        )
+        _require(0 < self.fraction <= 1, "rounds.fraction must be in (0, 1]")
+        for name in ("round_timeout_s", "poll_interval_s", "heartbeat_interval_s"):
+            _require(getattr(self, name) > 0, f"rounds.{name} must be positive")
+        _require(
+            self.client_timeout_s > 2 * self.heartbeat_interval_s,
+            "rounds.client_timeout_s must exceed twice rounds.heartbeat_interval_s",
+        )
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = "promptfl"
+
+    def check(self) -> None:
+        _require(self.name in METHOD_NAMES, f"method.name must be one of {', '.join(METHOD_NAMES)}")
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    rounds: RoundConfig = field(default_factory=RoundConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    base_dir: Path = field(default_factory=Path.cwd)
+
+    @property
+    def state_path(self) -> Path:
+        return (self.base_dir / self.server.state).resolve()
+
+    def check(self) -> AggregatorConfig:
+        self.server.check()
+        self.rounds.check()
+        self.method.check()
+        return self
+
+    def with_overrides(self, server: dict[str, Any], rounds: dict[str, Any]) -> AggregatorConfig:
+        """Apply command-line flags (None = not given) over the file's values."""
+        server = {k: v for k, v in server.items() if v is not None}
+        rounds = {k: v for k, v in rounds.items() if v is not None}
+        if "state" in server:
+            server["state"] = str(Path(server["state"]).resolve())
+        return dataclasses.replace(
+            self,
+            server=dataclasses.replace(self.server, **server),
+            rounds=dataclasses.replace(self.rounds, **rounds),
+        ).check()
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _section(cls: type, values: Any, section: str) -> Any:
+    """Build a section dataclass, checking names and types against the defaults."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"[{section}] must be a table")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key(s) in [{section}]: {', '.join(unknown)}; known: {', '.join(known)}")
+    parsed = {}
+    for name, value in values.items():
+        default = known[name].default
+        accepted = (int, float) if isinstance(default, float) else (type(default),)
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            raise ConfigError(f"{section}.{name} must be of type {type(default).__name__}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{section}.{name} must be finite")
+        parsed[name] = type(default)(value)
+    return cls(**parsed)
+
+
+def load_config(path: str | Path | None) -> AggregatorConfig:
+    """Read a TOML config (None = all defaults, state in the current folder)."""
+    if path is None:
+        return AggregatorConfig().check()
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as error:
+        raise ConfigError(f"cannot read config {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}") from None
+    sections = {"server", "rounds", "method", "training"}
+    unknown = sorted(set(data) - sections)
+    if unknown:
+        raise ConfigError(
+            f"unknown section(s) in {path}: {', '.join(unknown)}; known: {', '.join(sorted(sections))}"
+        )
+    try:
+        training = TrainingSettings.from_dict(data.get("training", {}))
+    except SettingsError as error:
+        raise ConfigError(f"[training]: {error}") from None
+    return AggregatorConfig(
+        server=_section(ServerConfig, data.get("server", {}), "server"),
+        rounds=_section(RoundConfig, data.get("rounds", {}), "rounds"),
+        method=_section(MethodConfig, data.get("method", {}), "method"),
+        training=training,
+        base_dir=path.resolve().parent,
+    ).check()

@@ -1,0 +1,228 @@
+"""The gRPC face of the aggregator and the daemon around it.
+
+Handlers only translate between wire messages and `RoundCoordinator`; every refusal becomes a
+gRPC status with one readable line and a log line, and no input can take the daemon down.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+
+from aggregator.config import AggregatorConfig
+from aggregator.rounds import Refused, RoundCoordinator, Task
+from aggregator.store import SQLiteStore
+from fedprompt.common.codec import ENCODINGS, CodecError, iter_chunks, join_chunks
+from protos import fedprompt_pb2 as pb
+from protos import fedprompt_pb2_grpc as pb_grpc
+
+log = logging.getLogger("fedprompt.aggregator")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+_TASK_STATUS = {"train": pb.TRAIN, "wait": pb.WAIT, "finished": pb.FINISHED}
+
+
+def grpc_message_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """The same message-size limits on both ends of a channel."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+def refusals_as_status(handler: Callable) -> Callable:
+    """Turn `Refused` into its gRPC status, and any unexpected error into INTERNAL plus a log line,
+    so that one bad request never crashes the daemon."""
+
+    @functools.wraps(handler)
+    def wrapped(self: AggregatorService, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return handler(self, request, context)
+        except Refused as refusal:
+            log.warning("%s refused for %s: %s", handler.__name__, context.peer(), refusal.message)
+            context.abort(refusal.code, refusal.message)
+        except Exception:
+            log.exception("%s failed for %s", handler.__name__, context.peer())
+            context.abort(grpc.StatusCode.INTERNAL, "internal error in the aggregator; see its log")
+
+    return wrapped
+
+
+class AggregatorService(pb_grpc.AggregatorServicer):
+    """Implements fedprompt.v1.Aggregator on top of a RoundCoordinator."""
+
+    def __init__(self, coordinator: RoundCoordinator) -> None:
+        self.coordinator = coordinator
+        self.server_config = coordinator.config.server
+        self.rules = coordinator.config.rounds
+
+    def _chunks(self, payload: bytes) -> Iterator[bytes]:
+        return iter_chunks(payload, self.server_config.chunk_kb * 1024)
+
+    @refusals_as_status
+    def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollReply:
+        client_id, session = self.coordinator.enroll(request.token, request.client_name)
+        return pb.EnrollReply(
+            client_id=client_id,
+            session=session,
+            run_id=self.coordinator.run_id,
+            heartbeat_interval_s=self.rules.heartbeat_interval_s,
+            max_message_bytes=self.server_config.max_message_bytes,
+            max_payload_bytes=self.server_config.max_payload_bytes,
+            chunk_bytes=self.server_config.chunk_kb * 1024,
+        )
+
+    @refusals_as_status
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
+        client_id = self.coordinator.authenticate(request.session)
+        return pb.HeartbeatReply(
+            heartbeat_interval_s=self.rules.heartbeat_interval_s,
+            round_open=self.coordinator.heartbeat(client_id, request.round_id),
+        )
+
+    @refusals_as_status
+    def PullTask(self, request: pb.PullTaskRequest, context: grpc.ServicerContext) -> Iterator[pb.TaskChunk]:
+        client_id = self.coordinator.authenticate(request.session)
+        task: Task = self.coordinator.next_task(client_id)
+        header = pb.TaskHeader(
+            status=_TASK_STATUS[task.status],
+            retry_after_s=task.retry_after_s,
+            run_id=self.coordinator.run_id,
+            round_id=task.round_id,
+            total_rounds=self.rules.rounds,
+            heartbeat_interval_s=self.rules.heartbeat_interval_s,
+        )
+        if task.status == "train":
+            header.method = self.coordinator.config.method.name
+            header.settings_json = self.coordinator.settings_json
+            header.deadline_unix = task.deadline_unix
+            header.payload_bytes = len(task.payload)
+            header.update_encoding = ENCODINGS[self.server_config.update_encoding]
+        return iter(
+            [pb.TaskChunk(header=header), *(pb.TaskChunk(data=c) for c in self._chunks(task.payload))]
+        )
+
+    @refusals_as_status
+    def PushUpdate(
+        self, chunks: Iterator[pb.UpdateChunk], context: grpc.ServicerContext
+    ) -> pb.PushUpdateReply:
+        first = next(chunks, None)
+        if first is None or not first.HasField("header"):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "an update must start with its header")
+        header = first.header
+        client_id = self.coordinator.authenticate(header.session)
+        try:
+            payload = join_chunks(
+                (self._data_of(chunk) for chunk in chunks),
+                header.payload_bytes,
+                self.server_config.max_payload_bytes,
+            )
+        except CodecError as error:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        self.coordinator.submit(
+            client_id,
+            header.run_id,
+            header.round_id,
+            header.num_examples,
+            dict(header.metrics),
+            dict(header.privacy),
+            payload,
+        )
+        return pb.PushUpdateReply(accepted=True, message=f"update for round {header.round_id} accepted")
+
+    @staticmethod
+    def _data_of(chunk: pb.UpdateChunk) -> bytes:
+        if not chunk.HasField("data"):
+            raise Refused(
+                grpc.StatusCode.INVALID_ARGUMENT, "only the first chunk of an update may be a header"
+            )
+        return chunk.data
+
+    @refusals_as_status
+    def FetchGlobal(
+        self, request: pb.FetchGlobalRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ModelChunk]:
+        self.coordinator.authenticate(request.session)
+        round_id, payload = self.coordinator.global_model()
+        header = pb.ModelHeader(
+            run_id=self.coordinator.run_id,
+            round_id=round_id,
+            method=self.coordinator.config.method.name,
+            finished=self.coordinator.finished,
+            payload_bytes=len(payload),
+        )
+        return iter([pb.ModelChunk(header=header), *(pb.ModelChunk(data=c) for c in self._chunks(payload))])
+
+
+def start_server(coordinator: RoundCoordinator) -> tuple[grpc.Server, int]:
+    """Binds and starts the gRPC server; returns it with the bound port (useful with port 0)."""
+    config = coordinator.config.server
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="grpc"),
+        options=grpc_message_options(config.max_message_bytes),
+    )
+    pb_grpc.add_AggregatorServicer_to_server(AggregatorService(coordinator), server)
+    address = f"{config.host}:{config.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise Refused(
+            grpc.StatusCode.UNAVAILABLE, f"cannot listen on {address} (in use or not a local address)"
+        )
+    server.start()
+    return server, port
+
+
+def serve(config: AggregatorConfig, ready: Callable[[int], None] | None = None) -> None:
+    """Runs the daemon until SIGTERM/SIGINT: rounds first, then serving the final model."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    store = SQLiteStore(config.state_path)
+    try:
+        coordinator = RoundCoordinator(store, config)
+        server, port = start_server(coordinator)
+        if config.server.host not in LOOPBACK_HOSTS:
+            log.warning(
+                "serving WITHOUT TLS on %s: put it behind a TLS-terminating proxy", config.server.host
+            )
+        log.info(
+            "listening on %s:%d | run %s | method %s | %d rounds | state %s",
+            config.server.host,
+            port,
+            coordinator.run_id,
+            config.method.name,
+            config.rounds.rounds,
+            config.state_path,
+        )
+        if ready is not None:
+            ready(port)
+        failures: list[BaseException] = []
+
+        def drive() -> None:
+            try:
+                coordinator.run()
+            except Exception as error:
+                log.exception("the round driver failed; stopping")
+                failures.append(error)
+                stop.set()
+
+        driver = threading.Thread(target=drive, name="rounds", daemon=True)
+        driver.start()
+        stop.wait()
+        log.info("stopping")
+        coordinator.stop()
+        server.stop(grace=2).wait()
+        driver.join(timeout=5)
+        if failures:
+            raise RuntimeError(f"the round driver failed: {failures[0]}")
+    finally:
+        store.close()

@@ -1,0 +1,354 @@
+"""The aggregator's persistent state behind one small interface, with SQLite as the embedded default.
+
+Everything the daemon needs to resume after `kill -9` lives here: the run, every committed round
+(global tensors, strategy state, metrics, per-client records), enrolment tokens and enrolled
+clients. A round is written in ONE transaction, so a crash leaves either the whole round or none
+of it; the daemon restarts from the last committed round and no update is applied twice.
+Secrets (tokens, sessions) are stored only as SHA-256 hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedprompt.common.codec import decode_tensor_set, encode_tensor_set
+
+
+class StoreError(RuntimeError):
+    """The state cannot be used as asked (missing file, another run's state); one readable line."""
+
+
+class AuthError(StoreError):
+    """An enrolment token is unknown or revoked."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: str
+    method: str
+    settings_json: str
+    created_at: float
+
+
+@dataclass
+class ClientRoundRecord:
+    """What one client contributed to one committed round."""
+
+    client_id: str
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    privacy: dict[str, float] = field(default_factory=dict)
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+@dataclass
+class RoundRecord:
+    """One committed round; round 0 is the initial state and has no clients."""
+
+    round_id: int
+    tensors: dict[str, np.ndarray]
+    strategy_state: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    clients: list[ClientRoundRecord] = field(default_factory=list)
+    committed_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    token_id: str
+    label: str
+    created_at: float
+    revoked: bool
+    client_id: str | None
+
+
+class Store(ABC):
+    """What the daemon and the tools need from persistent state."""
+
+    @abstractmethod
+    def open_run(self, method: str, settings_json: str, initial: RoundRecord) -> RunInfo:
+        """Start a run with round 0 = `initial`, or return the run already stored. A stored run of a
+        different method or settings is an error, so a config change cannot corrupt a run."""
+
+    @abstractmethod
+    def run_info(self) -> RunInfo | None:
+        """The stored run, if any."""
+
+    @abstractmethod
+    def latest_round(self) -> RoundRecord:
+        """The last committed round (with tensors and strategy state)."""
+
+    @abstractmethod
+    def commit_round(self, record: RoundRecord) -> None:
+        """Atomically store the next round; its id must be the latest + 1."""
+
+    @abstractmethod
+    def rounds(self) -> list[RoundRecord]:
+        """Every committed round after round 0, with metrics and clients but without tensors."""
+
+    @abstractmethod
+    def global_tensors(self, round_id: int | None = None) -> dict[str, np.ndarray]:
+        """The global tensors after a round (default: the latest)."""
+
+    @abstractmethod
+    def issue_token(self, label: str = "") -> str:
+        """A new enrolment token (shown once; only its hash is kept)."""
+
+    @abstractmethod
+    def revoke_token(self, token_id: str) -> None:
+        """Revoke a token by its id; the client enrolled with it loses its session."""
+
+    @abstractmethod
+    def tokens(self) -> list[TokenInfo]:
+        """All tokens, revoked ones included."""
+
+    @abstractmethod
+    def enroll(self, token: str, name: str) -> tuple[str, str]:
+        """(client id, new session) for a valid token; the same token always gets the same id."""
+
+    @abstractmethod
+    def client_for_session(self, session: str) -> str | None:
+        """The client holding this session, or None (unknown, replaced or revoked)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the underlying resources."""
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS run (
+    singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
+    run_id TEXT NOT NULL, method TEXT NOT NULL, settings_json TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (
+    round_id INTEGER PRIMARY KEY, committed_at REAL NOT NULL, tensors BLOB NOT NULL,
+    strategy_state TEXT NOT NULL, metrics TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS round_clients (
+    round_id INTEGER NOT NULL REFERENCES rounds(round_id), client_id TEXT NOT NULL,
+    num_examples INTEGER NOT NULL, metrics TEXT NOT NULL, privacy TEXT NOT NULL,
+    bytes_up INTEGER NOT NULL, bytes_down INTEGER NOT NULL, PRIMARY KEY (round_id, client_id));
+CREATE TABLE IF NOT EXISTS tokens (
+    token_id TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE, label TEXT NOT NULL,
+    created_at REAL NOT NULL, revoked_at REAL);
+CREATE TABLE IF NOT EXISTS clients (
+    client_id TEXT PRIMARY KEY, token_id TEXT NOT NULL UNIQUE REFERENCES tokens(token_id),
+    name TEXT NOT NULL, session_hash TEXT, enrolled_at REAL NOT NULL);
+"""
+
+
+class SQLiteStore(Store):
+    """SQLite in WAL mode: the daemon writes while `fedprompt aggregator token|status` read or issue
+    tokens from other processes. One connection guarded by a lock serves the daemon's threads."""
+
+    def __init__(self, path: str | Path, read_only: bool = False) -> None:
+        self.path = Path(path)
+        if read_only and not self.path.exists():
+            raise StoreError(f"no aggregator state at {self.path}")
+        try:
+            if read_only:
+                self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.executescript(_SCHEMA)
+            self._db.execute("PRAGMA busy_timeout=10000")
+            self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.DatabaseError as error:
+            raise StoreError(f"{self.path} is not a usable aggregator state file ({error})") from None
+        self._lock = threading.Lock()
+
+    def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, params).fetchall()
+            except sqlite3.OperationalError as error:
+                raise StoreError(f"{self.path}: {error}") from None
+
+    def _transaction(self, statements: list[tuple[str, tuple]]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, params in statements:
+                    self._db.execute(sql, params)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def open_run(self, method: str, settings_json: str, initial: RoundRecord) -> RunInfo:
+        existing = self.run_info()
+        if existing is not None:
+            if (existing.method, existing.settings_json) != (method, settings_json):
+                raise StoreError(
+                    f"{self.path} holds run {existing.run_id} of method {existing.method!r} with other "
+                    "settings; use a new state file for a new configuration"
+                )
+            return existing
+        info = RunInfo(f"run-{secrets.token_hex(6)}", method, settings_json, time.time())
+        self._transaction(
+            [
+                (
+                    "INSERT INTO run VALUES (1, ?, ?, ?, ?)",
+                    (info.run_id, method, settings_json, info.created_at),
+                ),
+                self._round_row(
+                    RoundRecord(0, initial.tensors, initial.strategy_state, committed_at=time.time())
+                ),
+            ]
+        )
+        return info
+
+    def run_info(self) -> RunInfo | None:
+        rows = self._query("SELECT run_id, method, settings_json, created_at FROM run")
+        return RunInfo(*rows[0]) if rows else None
+
+    @staticmethod
+    def _round_row(record: RoundRecord) -> tuple[str, tuple]:
+        return (
+            "INSERT INTO rounds VALUES (?, ?, ?, ?, ?)",
+            (
+                record.round_id,
+                record.committed_at or time.time(),
+                encode_tensor_set(record.tensors, "fp32"),
+                json.dumps(record.strategy_state),
+                json.dumps(record.metrics),
+            ),
+        )
+
+    def latest_round(self) -> RoundRecord:
+        rows = self._query(
+            "SELECT round_id, tensors, strategy_state, metrics, committed_at FROM rounds "
+            "ORDER BY round_id DESC LIMIT 1"
+        )
+        if not rows:
+            raise StoreError(f"{self.path} holds no run yet")
+        round_id, blob, state, metrics, committed_at = rows[0]
+        return RoundRecord(
+            round_id,
+            decode_tensor_set(blob),
+            json.loads(state),
+            json.loads(metrics),
+            committed_at=committed_at,
+        )
+
+    def commit_round(self, record: RoundRecord) -> None:
+        latest = self._query("SELECT max(round_id) FROM rounds")[0][0]
+        if latest is None or record.round_id != latest + 1:
+            raise StoreError(f"round {record.round_id} cannot follow committed round {latest}")
+        statements = [self._round_row(record)]
+        statements += [
+            (
+                "INSERT INTO round_clients VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.round_id,
+                    c.client_id,
+                    c.num_examples,
+                    json.dumps(c.metrics),
+                    json.dumps(c.privacy),
+                    c.bytes_up,
+                    c.bytes_down,
+                ),
+            )
+            for c in record.clients
+        ]
+        self._transaction(statements)
+
+    def rounds(self) -> list[RoundRecord]:
+        records = {
+            round_id: RoundRecord(round_id, {}, metrics=json.loads(metrics), committed_at=committed_at)
+            for round_id, metrics, committed_at in self._query(
+                "SELECT round_id, metrics, committed_at FROM rounds WHERE round_id > 0 ORDER BY round_id"
+            )
+        }
+        for row in self._query("SELECT * FROM round_clients ORDER BY round_id, client_id"):
+            round_id, client_id, count, metrics, privacy, up, down = row
+            records[round_id].clients.append(
+                ClientRoundRecord(client_id, count, json.loads(metrics), json.loads(privacy), up, down)
+            )
+        return list(records.values())
+
+    def global_tensors(self, round_id: int | None = None) -> dict[str, np.ndarray]:
+        if round_id is None:
+            rows = self._query("SELECT tensors FROM rounds ORDER BY round_id DESC LIMIT 1")
+        else:
+            rows = self._query("SELECT tensors FROM rounds WHERE round_id = ?", (round_id,))
+        if not rows:
+            raise StoreError(f"{self.path} has no round {round_id if round_id is not None else ''}".rstrip())
+        return decode_tensor_set(rows[0][0])
+
+    def issue_token(self, label: str = "") -> str:
+        token_id = secrets.token_hex(4)
+        token = f"{token_id}.{secrets.token_urlsafe(24)}"
+        self._transaction(
+            [("INSERT INTO tokens VALUES (?, ?, ?, ?, NULL)", (token_id, _hash(token), label, time.time()))]
+        )
+        return token
+
+    def revoke_token(self, token_id: str) -> None:
+        if not self._query("SELECT 1 FROM tokens WHERE token_id = ?", (token_id,)):
+            raise StoreError(f"no token with id {token_id!r}")
+        self._transaction(
+            [
+                (
+                    "UPDATE tokens SET revoked_at = ? WHERE token_id = ? AND revoked_at IS NULL",
+                    (time.time(), token_id),
+                ),
+                ("UPDATE clients SET session_hash = NULL WHERE token_id = ?", (token_id,)),
+            ]
+        )
+
+    def tokens(self) -> list[TokenInfo]:
+        rows = self._query(
+            "SELECT t.token_id, t.label, t.created_at, t.revoked_at IS NOT NULL, c.client_id "
+            "FROM tokens t LEFT JOIN clients c ON c.token_id = t.token_id ORDER BY t.created_at"
+        )
+        return [
+            TokenInfo(tid, label, created, bool(revoked), client)
+            for tid, label, created, revoked, client in rows
+        ]
+
+    def enroll(self, token: str, name: str) -> tuple[str, str]:
+        rows = self._query("SELECT token_id, revoked_at FROM tokens WHERE token_hash = ?", (_hash(token),))
+        if not rows:
+            raise AuthError("unknown enrolment token")
+        token_id, revoked_at = rows[0]
+        if revoked_at is not None:
+            raise AuthError("enrolment token has been revoked")
+        session = secrets.token_urlsafe(32)
+        known = self._query("SELECT client_id FROM clients WHERE token_id = ?", (token_id,))
+        client_id = known[0][0] if known else f"c-{token_id}"
+        self._transaction(
+            [
+                (
+                    "INSERT INTO clients VALUES (?, ?, ?, ?, ?) ON CONFLICT(client_id) DO UPDATE SET "
+                    "session_hash = excluded.session_hash, name = excluded.name",
+                    (client_id, token_id, name, _hash(session), time.time()),
+                )
+            ]
+        )
+        return client_id, session
+
+    def client_for_session(self, session: str) -> str | None:
+        rows = self._query("SELECT client_id FROM clients WHERE session_hash = ?", (_hash(session),))
+        return rows[0][0] if rows else None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,8 @@
+"""Imports every server half so that each registers itself in `SERVER_STRATEGIES`."""
+
+from __future__ import annotations
+
+from aggregator.strategies import SERVER_STRATEGIES
+from aggregator.strategies import promptfl as _promptfl  # noqa: F401
+
+__all__ = ["SERVER_STRATEGIES"]
