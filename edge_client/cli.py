@@ -1,0 +1,104 @@
+"""`fedprompt client run`: one edge device taking part in a federated run."""
+
+from __future__ import annotations
+
+import logging
+import platform
+from pathlib import Path
+
+import click
+import numpy as np
+
+
+@click.group()
+def client() -> None:
+    """The edge client: `run` joins an aggregator's run with a bundle and local data."""
+
+
+@client.command()
+@click.option("--aggregator", "address", required=True, help="The aggregator as HOST:PORT.")
+@click.option(
+    "--bundle",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Bundle folder from `export`.",
+)
+@click.option(
+    "--data",
+    required=True,
+    help="Training images: an ImageFolder tree (root/CLASS/*.png|jpg) or a built-in name.",
+)
+@click.option(
+    "--eval-data", default=None, help="Held-out images to report accuracy on (same forms as --data)."
+)
+@click.option(
+    "--token",
+    envvar="FEDPROMPT_TOKEN",
+    default=None,
+    help="Enrolment token (or FEDPROMPT_TOKEN); not needed again once this state folder is enrolled.",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("fedprompt-client-state"),
+    show_default=True,
+    help="Where the device keeps its enrolment, feature cache, privacy accountant and the final model.",
+)
+@click.option("--name", default=platform.node(), help="Device name shown in the aggregator's log.")
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0.1),
+    default=300.0,
+    show_default=True,
+    help="Give up after this many seconds without reaching the aggregator (retries use backoff).",
+)
+def run(
+    address: str,
+    bundle: Path,
+    data: str,
+    eval_data: str | None,
+    token: str | None,
+    state_dir: Path,
+    name: str,
+    connect_timeout: float,
+) -> None:
+    """Join the aggregator's run: enrol, then train each round it is sampled for and upload the
+    update, until the run is finished. Image features are computed once and cached."""
+    from edge_client.bundle import BundleError
+    from edge_client.methods.registry import CLIENT_METHODS
+    from edge_client.runtime import AggregatorLink, ClientError, ClientRuntime
+    from edge_client.workspace import ClientWorkspace
+    from fedprompt.common.codec import CodecError
+    from fedprompt.common.privacy import BudgetExceeded, PrivacyStateError
+    from fedprompt.common.settings import SettingsError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s client %(message)s", datefmt="%H:%M:%S")
+    if ":" not in address:
+        raise click.BadParameter("expected HOST:PORT", param_hint="--aggregator")
+    user_errors = (
+        BundleError,
+        ClientError,
+        CodecError,
+        BudgetExceeded,
+        PrivacyStateError,
+        SettingsError,
+        OSError,
+    )
+    link = AggregatorLink(address, patience_s=connect_timeout)
+    try:
+        workspace = ClientWorkspace.load(bundle, data, eval_data, state_dir=state_dir)
+        runtime = ClientRuntime(
+            link, lambda method: CLIENT_METHODS[method](workspace), state_dir, token, name
+        )
+        final = runtime.run()
+    except user_errors as error:
+        raise click.ClickException(
+            str(error).splitlines()[0] if str(error) else type(error).__name__
+        ) from None
+    except KeyboardInterrupt:
+        raise click.Abort() from None
+    finally:
+        link.close()
+    out = state_dir / "final_global.npz"
+    np.savez(out, **final["tensors"])
+    click.echo(f"run {final['run_id']} finished after round {final['round_id']}; final global model in {out}")
