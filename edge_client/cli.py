@@ -65,6 +65,7 @@ def run(
     """Join the aggregator's run: enrol, then train each round it is sampled for and upload the
     update, until the run is finished. Image features are computed once and cached."""
     from edge_client.bundle import BundleError
+    from edge_client.methods.base import ClientMethod
     from edge_client.methods.registry import CLIENT_METHODS
     from edge_client.runtime import AggregatorLink, ClientError, ClientRuntime
     from edge_client.workspace import ClientWorkspace
@@ -87,9 +88,14 @@ def run(
     link = AggregatorLink(address, patience_s=connect_timeout)
     try:
         workspace = ClientWorkspace.load(bundle, data, eval_data, state_dir=state_dir)
-        runtime = ClientRuntime(
-            link, lambda method: CLIENT_METHODS[method](workspace), state_dir, token, name
-        )
+
+        def build_method(method: str) -> ClientMethod:
+            if method not in CLIENT_METHODS:
+                known = ", ".join(sorted(CLIENT_METHODS))
+                raise ClientError(f"the aggregator runs method {method!r}; this client knows {known}")
+            return CLIENT_METHODS[method](workspace)
+
+        runtime = ClientRuntime(link, build_method, state_dir, token, name)
         final = runtime.run()
     except user_errors as error:
         raise click.ClickException(

@@ -242,3 +242,13 @@ def test_bad_configs_and_token_commands_answer_in_one_line(tmp_path: Path) -> No
         store.enroll(first, "x")
     client_id, session = store.enroll(second, "y")
     assert store.client_for_session(session) == client_id
+
+
+def test_the_documented_example_config_is_valid_and_flags_override_it() -> None:
+    from aggregator.config import load_config
+
+    example = Path(__file__).resolve().parents[1] / "aggregator" / "aggregator.example.toml"
+    config = load_config(example)
+    assert config.server.port == 50051 and config.training.dp == "client"
+    overridden = config.with_overrides({"port": 6000, "host": None}, {"rounds": 2, "min_clients": None})
+    assert (overridden.server.port, overridden.rounds.rounds, overridden.rounds.min_clients) == (6000, 2, 2)
