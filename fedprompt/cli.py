@@ -12,6 +12,8 @@ import click
 
 # command name -> "module:attribute" of a click command; each capability adds its own line.
 COMMANDS: dict[str, str] = {
+    "export": "export.commands:export_command",
+    "verify": "export.commands:verify_command",
     "aggregator": "aggregator.cli:aggregator",
     "client": "edge_client.cli:client",
 }

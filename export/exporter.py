@@ -1,0 +1,215 @@
+"""`fedprompt export`: an open_clip model -> a bundle directory (docs/architecture.md, "Bundle format")."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime
+import open_clip
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+from edge_client.bundle import (
+    FORMAT_VERSION,
+    MANIFEST,
+    PRECISIONS,
+    TEXT_TOWER_FILE,
+    Bundle,
+    encoder_file,
+    sha256_file,
+)
+from edge_client.text_tower import FrozenTextTower
+from export.errors import ExportError, UnsupportedModelError
+from export.models import DEFAULT_SEED, WeightsSource, build_model, parse_weights
+from export.onnx_graphs import convert_to_fp16, export_image_encoder, export_text_encoder, quantize_to_int8
+from export.parity import measure_parity
+from export.towers import ImageEncoder, text_parts, text_tower_spec
+
+DEFAULT_OPSET = 17
+
+
+def export_bundle(
+    model_name: str,
+    pretrained: str,
+    out: Path,
+    precisions: Sequence[str] = ("fp32",),
+    opset: int = DEFAULT_OPSET,
+    seed: int = DEFAULT_SEED,
+    progress: bool = True,
+) -> Path:
+    """Write the bundle of `model_name` into `out` and return its path. fp32 graphs are always
+    written; fp16 adds fp16 image and text graphs, int8 a quantised image graph."""
+    unknown = set(precisions) - set(PRECISIONS)
+    if unknown:
+        raise ExportError(f"unknown precision(s) {sorted(unknown)}; choose from {list(PRECISIONS)}")
+    chosen = [p for p in PRECISIONS if p == "fp32" or p in precisions]
+    _prepare_output(out)
+    steps = [
+        "build model",
+        "text tower",
+        "image encoder",
+        "text encoder",
+        *[f"{p} graphs" for p in chosen[1:]],
+        "parity",
+        "manifest",
+    ]
+    with tqdm(total=len(steps), desc="export", unit="step", disable=not progress) as bar:
+
+        def step(name: str) -> None:
+            bar.set_postfix_str(name)
+
+        step("build model")
+        weights = parse_weights(pretrained)
+        model = build_model(model_name, weights, seed)
+        _check_tokenizer(model_name)
+        bar.update()
+
+        step("text tower")
+        parts = text_parts(model)
+        spec = text_tower_spec(parts)
+        tensors = parts.state_dict()
+        save_file(tensors, str(out / TEXT_TOWER_FILE))
+        bar.update()
+
+        step("image encoder")
+        image_size = _image_size(model)
+        export_image_encoder(ImageEncoder(model), image_size, out / encoder_file("image", "fp32"), opset)
+        bar.update()
+
+        step("text encoder")
+        tokenizer = SimpleTokenizer(context_length=model.context_length)
+        tower = FrozenTextTower(spec, tensors, eot_token_id=tokenizer.eot_token_id)
+        export_text_encoder(
+            tower, model.context_length, spec.width, out / encoder_file("text", "fp32"), opset
+        )
+        bar.update()
+
+        for precision in chosen[1:]:
+            step(f"{precision} graphs")
+            _write_precision(out, precision)
+            bar.update()
+
+        step("parity")
+        embed_dim = int(tensors["text_projection"].shape[1])
+        manifest = _manifest(
+            model_name,
+            model,
+            embed_dim,
+            weights,
+            seed,
+            spec.to_manifest(),
+            image_size,
+            tokenizer,
+            opset,
+            chosen,
+            _files(out),
+        )
+        manifest["parity"] = measure_parity(model, Bundle(out, manifest))
+        bar.update()
+
+        step("manifest")
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        bar.update()
+    return out
+
+
+def _prepare_output(out: Path) -> None:
+    """Create `out`; an existing bundle there is replaced, any other non-empty directory refused."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MANIFEST).is_file():
+            raise ExportError(
+                f"--out {out} is a non-empty directory that is not a bundle; choose another path"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _check_tokenizer(model_name: str) -> None:
+    text_cfg = (open_clip.get_model_config(model_name) or {}).get("text_cfg", {})
+    if text_cfg.get("hf_tokenizer_name"):
+        raise UnsupportedModelError(
+            f"{model_name} uses the Hugging Face tokenizer {text_cfg['hf_tokenizer_name']}; only open_clip's "
+            "BPE tokenizer is supported on the edge client"
+        )
+
+
+def _image_size(model: nn.Module) -> tuple[int, int]:
+    size = open_clip.get_model_preprocess_cfg(model)["size"]
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _write_precision(out: Path, precision: str) -> None:
+    image_fp32 = out / encoder_file("image", "fp32")
+    if precision == "fp16":
+        convert_to_fp16(image_fp32, out / encoder_file("image", "fp16"))
+        convert_to_fp16(out / encoder_file("text", "fp32"), out / encoder_file("text", "fp16"))
+    else:
+        quantize_to_int8(image_fp32, out / encoder_file("image", "int8"))
+
+
+def _files(out: Path) -> dict[str, dict[str, Any]]:
+    return {
+        f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+        for f in sorted(out.iterdir())
+        if f.is_file() and f.name != MANIFEST
+    }
+
+
+def _manifest(
+    model_name: str,
+    model: nn.Module,
+    embed_dim: int,
+    weights: WeightsSource,
+    seed: int,
+    text_tower: dict[str, Any],
+    image_size: tuple[int, int],
+    tokenizer: SimpleTokenizer,
+    opset: int,
+    precisions: list[str],
+    files: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    preprocess = open_clip.get_model_preprocess_cfg(model)
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": model_name,
+        "weights": weights.manifest_entry(),
+        "weights_source": {"kind": weights.kind, "value": weights.value, "sha256": weights.sha256},
+        "seed": seed,
+        "embed_dim": embed_dim,
+        "text_width": text_tower["width"],
+        "context_length": int(model.context_length),
+        "vocab_size": int(model.vocab_size),
+        "image_size": list(image_size),
+        "preprocess": {
+            "resize": image_size[0] if image_size[0] == image_size[1] else list(image_size),
+            "resize_mode": preprocess.get("resize_mode", "shortest"),
+            "interpolation": preprocess.get("interpolation", "bicubic"),
+            "crop": image_size[0] if image_size[0] == image_size[1] else list(image_size),
+            "mean": list(preprocess["mean"]),
+            "std": list(preprocess["std"]),
+        },
+        "tokenizer": {
+            "kind": "open_clip",
+            "name": model_name,
+            "sot_token_id": tokenizer.sot_token_id,
+            "eot_token_id": tokenizer.eot_token_id,
+        },
+        "logit_scale": float(model.logit_scale.exp().item()),
+        "text_tower": text_tower,
+        "opset": opset,
+        "precisions": precisions,
+        "default_precision": "fp16" if "fp16" in precisions else "fp32",  # int8 (lossy) only on request
+        "files": files,
+        "versions": {m.__name__: m.__version__ for m in (torch, open_clip, onnx, onnxruntime)},
+        "parity": {},
+    }

@@ -1,0 +1,108 @@
+"""Writes the encoder graphs: TorchScript ONNX export (fp32), fp16 conversion with float32 inputs and
+outputs, and int8 dynamic quantisation of the image encoder."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.transformers.float16 import convert_float_to_float16
+from torch import nn
+
+from export.errors import UnsupportedModelError
+from export.quiet import quiet_root_logger
+
+MIN_OPSET = 14  # scaled dot-product attention pieces and dynamic slicing need >= 14
+EXAMPLE_BATCH = 2
+
+
+def export_image_encoder(encoder: nn.Module, image_size: tuple[int, int], path: Path, opset: int) -> None:
+    """images float32 [N,3,H,W] -> image_features float32 [N,D], dynamic N."""
+    example = torch.randn(EXAMPLE_BATCH, 3, *image_size)
+    _export(
+        encoder,
+        (example,),
+        path,
+        opset,
+        ["images"],
+        ["image_features"],
+        {"images": {0: "batch"}, "image_features": {0: "batch"}},
+        tower="image",
+    )
+
+
+def export_text_encoder(encoder: nn.Module, context_length: int, width: int, path: Path, opset: int) -> None:
+    """prompt_embeddings float32 [N,L,W] + eot_positions int64 [N] -> text_features [N,D], dynamic N, L.
+
+    Traced at a length below the context length so that the slices of the positional embedding and
+    the causal mask stay symbolic in L."""
+    length = max(2, context_length // 2)
+    example = (torch.randn(EXAMPLE_BATCH, length, width), torch.tensor([length - 1, 1], dtype=torch.int64))
+    axes = {
+        "prompt_embeddings": {0: "batch", 1: "length"},
+        "eot_positions": {0: "batch"},
+        "text_features": {0: "batch"},
+    }
+    _export(
+        encoder,
+        example,
+        path,
+        opset,
+        ["prompt_embeddings", "eot_positions"],
+        ["text_features"],
+        axes,
+        tower="text",
+    )
+
+
+def _export(
+    module: nn.Module,
+    example: tuple[torch.Tensor, ...],
+    path: Path,
+    opset: int,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]],
+    tower: str,
+) -> None:
+    if opset < MIN_OPSET:
+        raise UnsupportedModelError(f"opset {opset} is too old; fedprompt needs opset >= {MIN_OPSET}")
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused MHA kernel has no ONNX symbolic
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about python control flow are expected
+            torch.onnx.export(
+                module.eval(),
+                example,
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+                do_constant_folding=True,
+            )
+    except Exception as error:  # the exporter raises many types; each means "this tower does not export"
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UnsupportedModelError(
+            f"the {tower} tower ({type(module).__name__}) cannot be exported to ONNX opset {opset}: {reason}"
+        ) from error
+
+
+def convert_to_fp16(source: Path, target: Path) -> None:
+    """fp16 weights and arithmetic inside, float32 inputs and outputs (onnxruntime's converter)."""
+    model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+    onnx.save(model, str(target))
+
+
+def quantize_to_int8(source: Path, target: Path) -> None:
+    """Dynamic int8 quantisation (int8 weights, activations quantised on the fly)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        onnx.save(onnx.shape_inference.infer_shapes(onnx.load(str(source))), str(prepared))
+        with quiet_root_logger():
+            quantize_dynamic(prepared, target, weight_type=QuantType.QInt8)
