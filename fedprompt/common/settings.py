@@ -2,7 +2,9 @@
 
 Settings travel in every round task as JSON (`to_dict`), so both halves of a method read the same
 values; `from_dict` rejects unknown keys and bad values with one clear line, because a typo in a
-config file must not silently fall back to a default.
+config file must not silently fall back to a default. Choices of the device alone (the image
+encoder's precision, the local hold-out split) are not settings: the client gives them when it
+loads its workspace.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from typing import Any
 DP_MODES = ("none", "client", "sample")
 ACCOUNTANTS = ("rdp", "prv")
 OPTIMIZERS = ("sgd", "adam")
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 class SettingsError(ValueError):
@@ -41,8 +42,6 @@ class TrainingSettings:
     local_epochs: int = 1
     batch_size: int = 32
     seed: int = 0
-    val_fraction: float = 0.2
-    precision: str = "fp32"
     dp: str = "none"
     clip: float = 1.0
     noise_multiplier: float = 1.0
@@ -59,8 +58,6 @@ class TrainingSettings:
         self._check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         self._check(self.local_epochs >= 1, "local_epochs", "must be at least 1")
         self._check(self.batch_size >= 1, "batch_size", "must be at least 1")
-        self._check(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)")
-        self._check(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
         self._check(self.dp in DP_MODES, "dp", f"must be one of {', '.join(DP_MODES)}")
         self._check(self.clip > 0, "clip", "must be positive")
         self._check(self.noise_multiplier >= 0, "noise_multiplier", "must be >= 0")
