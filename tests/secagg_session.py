@@ -1,0 +1,62 @@
+"""Test helpers: drive a secure-aggregation session step by step through the public API, with every
+message serialised and parsed as a transport would, so tests can stop, inspect or tamper midway."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from fedprompt.common.secagg.client import SecAggClient
+from fedprompt.common.secagg.config import SecAggConfig
+from fedprompt.common.secagg.messages import ShareDelivery, UnmaskRequest
+from fedprompt.common.secagg.randomness import RandomBytes
+from fedprompt.common.secagg.server import SecAggServer
+
+SESSION = b"run-7/round-3"
+SEED = bytes(range(32))
+
+
+def wire(message):
+    """What a transport does to every message: bytes out, bytes in."""
+    return type(message).from_bytes(message.to_bytes())
+
+
+def seeded_clients(config: SecAggConfig, ids: Iterable[int], seed: bytes = SEED) -> dict[int, SecAggClient]:
+    master = RandomBytes(seed)
+    return {i: SecAggClient(i, config, RandomBytes(master.take(32))) for i in ids}
+
+
+def quantised_inputs(config: SecAggConfig, ids: Iterable[int], seed: int = 0) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        i: rng.integers(0, config.modulus.value // 64, config.vector_length, dtype=np.uint64) for i in ids
+    }
+
+
+def plain_sum(config: SecAggConfig, inputs: dict[int, np.ndarray], ids: Iterable[int]) -> np.ndarray:
+    return sum(inputs[i] for i in ids) % np.uint64(config.modulus.value)
+
+
+def until_masking(
+    config: SecAggConfig, ids: Iterable[int], session: bytes = SESSION, seed: bytes = SEED
+) -> tuple[dict[int, SecAggClient], SecAggServer, dict[int, ShareDelivery]]:
+    """Clients and server after key sharing, and each client's delivery of shares."""
+    clients = seeded_clients(config, ids, seed)
+    server = SecAggServer(config, session)
+    for client in clients.values():
+        server.add_advertisement(wire(client.advertise()))
+    roster = wire(server.roster())
+    for client in clients.values():
+        server.add_share_upload(wire(client.share_keys(roster)))
+    return clients, server, {i: wire(d) for i, d in server.deliveries().items()}
+
+
+def until_unmasking(
+    config: SecAggConfig, inputs: dict[int, np.ndarray]
+) -> tuple[dict[int, SecAggClient], SecAggServer, UnmaskRequest]:
+    """Clients and server after every client uploaded its masked input, and the unmask request."""
+    clients, server, deliveries = until_masking(config, inputs)
+    for i, client in clients.items():
+        server.add_masked_input(wire(client.mask(deliveries[i], inputs[i])))
+    return clients, server, wire(server.unmask_request())
