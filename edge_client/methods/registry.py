@@ -1,0 +1,8 @@
+"""Imports every client half so that each registers itself in `CLIENT_METHODS`."""
+
+from __future__ import annotations
+
+from edge_client.methods import CLIENT_METHODS
+from edge_client.methods import promptfl as _promptfl  # noqa: F401
+
+__all__ = ["CLIENT_METHODS"]
