@@ -46,6 +46,12 @@ def client() -> None:
 )
 @click.option("--name", default=platform.node(), help="Device name shown in the aggregator's log.")
 @click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "int8"]),
+    default=None,
+    help="Image encoder precision to run (default: the bundle's default precision).",
+)
+@click.option(
     "--connect-timeout",
     type=click.FloatRange(min=0.1),
     default=300.0,
@@ -60,6 +66,7 @@ def run(
     token: str | None,
     state_dir: Path,
     name: str,
+    precision: str | None,
     connect_timeout: float,
 ) -> None:
     """Join the aggregator's run: enrol, then train each round it is sampled for and upload the
@@ -68,7 +75,7 @@ def run(
     from edge_client.methods.base import ClientMethod
     from edge_client.methods.registry import CLIENT_METHODS
     from edge_client.runtime import AggregatorLink, ClientError, ClientRuntime
-    from edge_client.workspace import ClientWorkspace
+    from edge_client.workspace import ClientWorkspace, WorkspaceError
     from fedprompt.common.codec import CodecError
     from fedprompt.common.privacy import BudgetExceeded, PrivacyStateError
     from fedprompt.common.settings import SettingsError
@@ -83,11 +90,12 @@ def run(
         BudgetExceeded,
         PrivacyStateError,
         SettingsError,
+        WorkspaceError,
         OSError,
     )
     link = AggregatorLink(address, patience_s=connect_timeout)
     try:
-        workspace = ClientWorkspace.load(bundle, data, eval_data, state_dir=state_dir)
+        workspace = ClientWorkspace.load(bundle, data, eval_data, state_dir=state_dir, precision=precision)
 
         def build_method(method: str) -> ClientMethod:
             if method not in CLIENT_METHODS:

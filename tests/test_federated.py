@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 from itertools import islice
+from pathlib import Path
 
+import numpy as np
 import pytest
+from aggregator_process import FEDPROMPT, AggregatorProcess, write_config
+from PIL import Image
 
+from aggregator.store import SQLiteStore
 from edge_client.runtime import AggregatorLink, ClientError, backoff_delays
 from protos import fedprompt_pb2 as pb
 
@@ -36,3 +42,107 @@ def test_an_unreachable_aggregator_fails_with_one_line_within_the_patience() -> 
     message = str(error.value)
     assert message.startswith(f"cannot reach the aggregator at {address}") and "\n" not in message
     link.close()
+
+
+def write_image_folder(root: Path, seed: int, per_class: int = 6) -> Path:
+    """A tiny ImageFolder whose classes have distinct patterns (stripes, checks, a disc)."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices((32, 32))
+    patterns = {
+        "stripes": (grid[0] // 4) % 2,
+        "checks": ((grid[0] // 8) + (grid[1] // 8)) % 2,
+        "disc": ((grid[0] - 16) ** 2 + (grid[1] - 16) ** 2 < 100).astype(int),
+    }
+    for name, mask in patterns.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            colour = rng.integers(128, 256, size=3)
+            pixels = mask[..., None] * colour + rng.integers(0, 40, size=(32, 32, 3))
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def client_command(address: str, bundle: Path, data: Path, state: Path, *extra: str) -> list[str]:
+    options = [
+        "--aggregator",
+        address,
+        "--bundle",
+        str(bundle),
+        "--data",
+        str(data),
+        "--state-dir",
+        str(state),
+    ]
+    return [FEDPROMPT, "client", "run", *options, *extra]
+
+
+def test_wrong_address_stops_the_client_cli_with_one_line(tiny_bundle: Path, tmp_path: Path) -> None:
+    data = write_image_folder(tmp_path / "data", seed=0, per_class=2)
+    command = client_command(f"127.0.0.1:{closed_port()}", tiny_bundle, data, tmp_path / "state")
+    result = subprocess.run(
+        [*command, "--token", "t", "--connect-timeout", "1"], capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: cannot reach the aggregator at 127.0.0.1:"), result.stderr
+
+
+def test_three_client_processes_train_promptfl_through_a_real_aggregator(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    port = closed_port()
+    rounds = {
+        "rounds": 2,
+        "min_clients": 3,
+        "min_fit": 3,
+        "min_updates": 3,
+        "round_timeout_s": 120.0,
+        "poll_interval_s": 0.2,
+        "heartbeat_interval_s": 1.0,
+        "client_timeout_s": 30.0,
+    }
+    config = write_config(tmp_path / "aggregator.toml", rounds, {"port": port})
+    config.write_text(
+        config.read_text()
+        + "\n[training]\nn_ctx = 4\nbatch_size = 8\nlr = 0.01\n"
+        + 'dp = "client"\nclip = 1.0\nnoise_multiplier = 1.0\n'
+    )
+    state = tmp_path / "state.sqlite"
+    store = SQLiteStore(state)
+    tokens = [store.issue_token(f"device {i}") for i in range(3)]
+    store.close()
+    # the clients start before the aggregator exists: they must wait for it with backoff
+    clients = []
+    for i, token in enumerate(tokens):
+        data = write_image_folder(tmp_path / f"d{i}", seed=i)
+        command = client_command(f"127.0.0.1:{port}", tiny_bundle, data, tmp_path / f"client{i}")
+        command += ["--token", token, "--connect-timeout", "120"]
+        clients.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    time.sleep(1.0)
+    server = AggregatorProcess(config)
+    try:
+        outputs = [client.communicate(timeout=300) for client in clients]
+        for client, (out, err) in zip(clients, outputs, strict=True):
+            assert client.returncode == 0, err[-3000:] + "\n--- aggregator ---\n" + server.log
+            assert "finished after round 2" in out
+        server.wait_for_log(r"round 2/2 committed: 3 clients")
+        assert server.terminate() == 0
+    finally:
+        for client in clients:
+            if client.poll() is None:
+                client.kill()
+        server.kill()
+
+    store = SQLiteStore(state, read_only=True)
+    records = store.rounds()
+    assert [r.round_id for r in records] == [1, 2]
+    assert all(len(r.clients) == 3 for r in records)
+    first, second = store.global_tensors(1)["ctx"], store.global_tensors(2)["ctx"]
+    assert first.shape[0] == 4 and not np.allclose(first, second)
+    for record in records:
+        assert 0.0 <= record.metrics["client_metrics"]["accuracy"] <= 1.0
+        assert record.metrics["epsilon_max"] > 0
+        assert record.metrics["bytes_up_per_client"] <= first.size * 2 + 64  # fp16 on the wire
+    final = np.load(tmp_path / "client0" / "final_global.npz")
+    np.testing.assert_allclose(final["ctx"], second, rtol=1e-6)
