@@ -80,7 +80,9 @@ def run(
     from fedprompt.common.privacy import BudgetExceeded, PrivacyStateError
     from fedprompt.common.settings import SettingsError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s client %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s client %(message)s", datefmt="%H:%M:%S", force=True
+    )
     if ":" not in address:
         raise click.BadParameter("expected HOST:PORT", param_hint="--aggregator")
     user_errors = (
