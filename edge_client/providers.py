@@ -60,6 +60,8 @@ def make_session(path: str | Path, providers: Sequence[str] | None = None) -> or
     chosen = choose_providers(providers)
     options = ort.SessionOptions()
     options.log_severity_level = 3  # fallback warnings are noise on the device
+    # idle onnxruntime threads must not spin: torch trains prompts in the same process
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if ".fp16." in Path(path).name and chosen[0] == CPU:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     return ort.InferenceSession(str(path), sess_options=options, providers=chosen)

@@ -26,12 +26,12 @@ from edge_client.bundle import (
     encoder_file,
     sha256_file,
 )
-from edge_client.text_tower import FrozenTextTower
+from edge_client.text_tower import FrozenTextTower, TextTowerSpec
 from export.errors import ExportError, UnsupportedModelError
 from export.models import DEFAULT_SEED, WeightsSource, build_model, parse_weights
 from export.onnx_graphs import convert_to_fp16, export_image_encoder, export_text_encoder, quantize_to_int8
 from export.parity import measure_parity
-from export.towers import ImageEncoder, text_parts, text_tower_spec
+from export.towers import ImageEncoder, TextParts, text_parts, text_tower_spec
 
 DEFAULT_OPSET = 17
 
@@ -51,40 +51,59 @@ def export_bundle(
     if unknown:
         raise ExportError(f"unknown precision(s) {sorted(unknown)}; choose from {list(PRECISIONS)}")
     chosen = [p for p in PRECISIONS if p == "fp32" or p in precisions]
-    _prepare_output(out)
+    _check_output(out)
+    weights = parse_weights(pretrained)
+    model = build_model(model_name, weights, seed)
+    _check_tokenizer(model_name)
+    parts = text_parts(model)
+    spec = text_tower_spec(parts)
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        manifest = _write_bundle(
+            staging, model_name, model, weights, seed, parts, spec, chosen, opset, progress
+        )
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        shutil.rmtree(out, ignore_errors=True)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _write_bundle(
+    out: Path,
+    model_name: str,
+    model: nn.Module,
+    weights: WeightsSource,
+    seed: int,
+    parts: TextParts,
+    spec: TextTowerSpec,
+    precisions: list[str],
+    opset: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """Write every file into `out` with a progress bar; return the manifest (with parity results)."""
     steps = [
-        "build model",
         "text tower",
         "image encoder",
         "text encoder",
-        *[f"{p} graphs" for p in chosen[1:]],
+        *[f"{p} graphs" for p in precisions[1:]],
         "parity",
-        "manifest",
     ]
-    with tqdm(total=len(steps), desc="export", unit="step", disable=not progress) as bar:
-
-        def step(name: str) -> None:
-            bar.set_postfix_str(name)
-
-        step("build model")
-        weights = parse_weights(pretrained)
-        model = build_model(model_name, weights, seed)
-        _check_tokenizer(model_name)
-        bar.update()
-
-        step("text tower")
-        parts = text_parts(model)
-        spec = text_tower_spec(parts)
+    with tqdm(total=len(steps), desc=f"export {model_name}", unit="step", disable=not progress) as bar:
+        bar.set_postfix_str("text tower")
         tensors = parts.state_dict()
         save_file(tensors, str(out / TEXT_TOWER_FILE))
         bar.update()
 
-        step("image encoder")
+        bar.set_postfix_str("image encoder")
         image_size = _image_size(model)
         export_image_encoder(ImageEncoder(model), image_size, out / encoder_file("image", "fp32"), opset)
         bar.update()
 
-        step("text encoder")
+        bar.set_postfix_str("text encoder")
         tokenizer = SimpleTokenizer(context_length=model.context_length)
         tower = FrozenTextTower(spec, tensors, eot_token_id=tokenizer.eot_token_id)
         export_text_encoder(
@@ -92,12 +111,12 @@ def export_bundle(
         )
         bar.update()
 
-        for precision in chosen[1:]:
-            step(f"{precision} graphs")
+        for precision in precisions[1:]:
+            bar.set_postfix_str(f"{precision} graphs")
             _write_precision(out, precision)
             bar.update()
 
-        step("parity")
+        bar.set_postfix_str("parity")
         embed_dim = int(tensors["text_projection"].shape[1])
         manifest = _manifest(
             model_name,
@@ -109,29 +128,20 @@ def export_bundle(
             image_size,
             tokenizer,
             opset,
-            chosen,
+            precisions,
             _files(out),
         )
         manifest["parity"] = measure_parity(model, Bundle(out, manifest))
         bar.update()
-
-        step("manifest")
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        bar.update()
-    return out
+    return manifest
 
 
-def _prepare_output(out: Path) -> None:
-    """Create `out`; an existing bundle there is replaced, any other non-empty directory refused."""
+def _check_output(out: Path) -> None:
+    """`out` may be missing, empty, or an earlier bundle (replaced only once the new one is complete)."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / MANIFEST).is_file():
-            raise ExportError(
-                f"--out {out} is a non-empty directory that is not a bundle; choose another path"
-            )
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise ExportError(f"--out {out} is a non-empty directory that is not a bundle; choose another path")
 
 
 def _check_tokenizer(model_name: str) -> None:
@@ -150,11 +160,17 @@ def _image_size(model: nn.Module) -> tuple[int, int]:
 
 def _write_precision(out: Path, precision: str) -> None:
     image_fp32 = out / encoder_file("image", "fp32")
-    if precision == "fp16":
-        convert_to_fp16(image_fp32, out / encoder_file("image", "fp16"))
-        convert_to_fp16(out / encoder_file("text", "fp32"), out / encoder_file("text", "fp16"))
-    else:
-        quantize_to_int8(image_fp32, out / encoder_file("image", "int8"))
+    try:
+        if precision == "fp16":
+            convert_to_fp16(image_fp32, out / encoder_file("image", "fp16"))
+            convert_to_fp16(out / encoder_file("text", "fp32"), out / encoder_file("text", "fp16"))
+        else:
+            quantize_to_int8(image_fp32, out / encoder_file("image", "int8"))
+    except Exception as error:  # onnx/onnxruntime converters raise many types; each means "cannot convert"
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UnsupportedModelError(
+            f"{precision} conversion of this model's graphs failed: {reason}"
+        ) from error
 
 
 def _files(out: Path) -> dict[str, dict[str, Any]]:

@@ -40,7 +40,7 @@ def verify_bundle(path: Path, echo: Callable[[str], None] = print) -> bool:
         bundle = Bundle.open(path)
         echo(f"{'hashes':<14}ok, {len(bundle.manifest['files'])} files match manifest.json")
         _check_manifest(bundle)
-        model = _rebuild(bundle)
+        model = rebuild_model(bundle)
     except (BundleError, ExportError) as error:
         echo(f"FAILED: {error}")
         return False
@@ -90,7 +90,7 @@ def _check_manifest(bundle: Bundle) -> None:
         raise BundleError(f"manifest.json does not list {', '.join(unlisted)}")
 
 
-def _rebuild(bundle: Bundle) -> torch.nn.Module:
+def rebuild_model(bundle: Bundle) -> torch.nn.Module:
     """The open_clip model the bundle was exported from; its text tower must equal the bundle's."""
     source = WeightsSource(**bundle.manifest["weights_source"])
     if source.kind == "path":
