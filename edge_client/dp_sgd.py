@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from opacus.optimizers import DPOptimizer
 from torch.func import grad, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from edge_client.training import TextEncoder, TrainStats, class_logits, make_optimizer
 from fedprompt.common.settings import TrainingSettings
@@ -34,7 +35,19 @@ def per_example_gradients(
     logit_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients [B, n_ctx, W] of each example's loss with respect to ctx; also losses [B] and
-    logits [B, K]."""
+    logits [B, K]. Attention runs as plain math ops here: the fused kernels have no batching rule
+    for vmap and would fall back to a slow per-example loop."""
+    with sdpa_kernel(SDPBackend.MATH):
+        return _per_example_gradients(ctx, encode, image_features, labels, logit_scale)
+
+
+def _per_example_gradients(
+    ctx: torch.Tensor,
+    encode: TextEncoder,
+    image_features: torch.Tensor,
+    labels: torch.Tensor,
+    logit_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     text_features, pullback = vjp(encode, ctx)
 
     def example_loss(text: torch.Tensor, feature: torch.Tensor, label: torch.Tensor) -> torch.Tensor:

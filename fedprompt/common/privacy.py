@@ -135,16 +135,16 @@ class PrivacyAccountant:
 
     def check_budget(
         self, budget: float | None, delta: float, noise_multiplier: float, sample_rate: float, steps: int = 1
-    ) -> float:
-        """Raise BudgetExceeded if the planned steps would take epsilon past `budget` (None = no limit);
-        else return the epsilon they would lead to."""
+    ) -> None:
+        """Raise BudgetExceeded if the planned steps would take epsilon past `budget` (None = no limit)."""
+        if budget is None:
+            return
         planned = self.epsilon_after(delta, noise_multiplier, sample_rate, steps)
-        if budget is not None and planned > budget:
+        if planned > budget:
             raise BudgetExceeded(
                 f"privacy budget exhausted: epsilon spent {self.epsilon(delta):.3f}, this round would reach "
                 f"{planned:.3f} > budget {budget:g} (delta={delta:g}); refusing to train"
             )
-        return planned
 
     def report(self, delta: float) -> dict[str, Any]:
         """Epsilon with everything needed to recompute it."""
