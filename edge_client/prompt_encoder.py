@@ -6,6 +6,7 @@ Three ways to the same features, fastest first:
   every class, run through each block once (batch 1); only the class-specific suffix runs per
   class, attending to the prefix's keys and values. Exact for a causal tower: a prefix position
   never attends to anything after it, so it has the same hidden states in every class prompt.
+  The last block computes only each class's EOT row, the only one pooled.
 - "cut": every class prompt, cut after the last EOT (exact for a causal tower).
 - "full": every class prompt at the full context length, as the official codes do.
 """
@@ -41,18 +42,20 @@ class PromptTextEncoder:
     def _shared_prefix(self, ctx: torch.Tensor) -> torch.Tensor:
         tower, prompts = self.tower, self.prompts
         prefix = prompts.prefix(ctx)  # [1, P, W]
-        length = prompts.length
-        positions = tower.positional_embedding[:length]
         split = prefix.shape[1]
+        positions = tower.positional_embedding[: prompts.length]
         prefix = prefix + positions[:split]
         suffix = prompts.suffix + positions[split:]
-        for block in tower.blocks:
-            keys, values = _keys_values(block, prefix)
-            suffix = _suffix_block(block, suffix, keys, values)
-            prefix = block(prefix)
-        width = suffix.shape[2]
-        rows = torch.arange(prompts.num_classes)
-        pooled = suffix[rows, prompts.eot_positions - split]
+        eot_rows = prompts.eot_positions - split
+        last = len(tower.blocks) - 1
+        for index, block in enumerate(tower.blocks):
+            keys, values = _keys_values(block, _norm_1(block, prefix))
+            # the last block only needs each class's EOT row, and no prefix output at all
+            suffix = _suffix_block(block, suffix, keys, values, eot_rows if index == last else None)
+            if index < last:
+                prefix = block(prefix)
+        pooled = suffix[:, 0]
+        width = pooled.shape[1]
         pooled = F.layer_norm(pooled, (width,), tower.ln_final_weight, tower.ln_final_bias, LAYER_NORM_EPS)
         return pooled @ tower.text_projection
 
@@ -63,30 +66,45 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(n, length, heads, width // heads).transpose(1, 2)
 
 
-def _keys_values(block: _FrozenBlock, prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prefix's attention keys and values in this block, [1, heads, P, W/heads] each."""
-    width = prefix.shape[2]
-    h = F.layer_norm(prefix, (width,), block.ln_1_weight, block.ln_1_bias, LAYER_NORM_EPS)
+def _norm_1(block: _FrozenBlock, x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), block.ln_1_weight, block.ln_1_bias, LAYER_NORM_EPS)
+
+
+def _keys_values(block: _FrozenBlock, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention keys and values [N, heads, L, W/heads] of layer-normed inputs [N, L, W]."""
+    width = normed.shape[2]
     weight_kv, bias_kv = block.attn_in_proj_weight[width:], block.attn_in_proj_bias[width:]
-    keys, values = F.linear(h, weight_kv, bias_kv).chunk(2, dim=-1)
+    keys, values = F.linear(normed, weight_kv, bias_kv).chunk(2, dim=-1)
     return _heads(keys, block.spec.heads), _heads(values, block.spec.heads)
 
 
 def _suffix_block(
-    block: _FrozenBlock, suffix: torch.Tensor, prefix_keys: torch.Tensor, prefix_values: torch.Tensor
+    block: _FrozenBlock,
+    suffix: torch.Tensor,
+    prefix_keys: torch.Tensor,
+    prefix_values: torch.Tensor,
+    rows: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The block on the class-specific positions, attending causally to [prefix, suffix]."""
+    """The block on the class-specific positions [K, S, W], attending causally to [prefix, suffix].
+    With `rows` [K], only that row of each class is computed (output [K, 1, W])."""
     classes, length, width = suffix.shape
-    heads = block.spec.heads
-    h = F.layer_norm(suffix, (width,), block.ln_1_weight, block.ln_1_bias, LAYER_NORM_EPS)
-    q, k, v = F.linear(h, block.attn_in_proj_weight, block.attn_in_proj_bias).chunk(3, dim=-1)
-    span = prefix_keys.shape[2]
-    keys = torch.cat([prefix_keys.expand(classes, -1, -1, -1), _heads(k, heads)], dim=2)
-    values = torch.cat([prefix_values.expand(classes, -1, -1, -1), _heads(v, heads)], dim=2)
+    heads, span = block.spec.heads, prefix_keys.shape[2]
+    normed = _norm_1(block, suffix)
+    suffix_keys, suffix_values = _keys_values(block, normed)
+    keys = torch.cat([prefix_keys.expand(classes, -1, -1, -1), suffix_keys], dim=2)
+    values = torch.cat([prefix_values.expand(classes, -1, -1, -1), suffix_values], dim=2)
     allowed = torch.ones(length, span + length, dtype=torch.bool).tril(diagonal=span)
-    attended = F.scaled_dot_product_attention(_heads(q, heads), keys, values, attn_mask=allowed)
-    attended = F.linear(attended.transpose(1, 2).reshape(classes, length, width), block.attn_out_proj_weight)
-    attended = attended + block.attn_out_proj_bias
+    if rows is not None:
+        pick = torch.arange(classes)
+        normed, suffix, allowed = (
+            normed[pick, rows, None],
+            suffix[pick, rows, None],
+            allowed[rows, None, None],
+        )
+    queries = F.linear(normed, block.attn_in_proj_weight[:width], block.attn_in_proj_bias[:width])
+    attended = F.scaled_dot_product_attention(_heads(queries, heads), keys, values, attn_mask=allowed)
+    attended = attended.transpose(1, 2).reshape(classes, -1, width)
+    attended = F.linear(attended, block.attn_out_proj_weight, block.attn_out_proj_bias)
     if block.spec.layer_scale:
         attended = attended * block.ls_1_gamma
     x = suffix + attended

@@ -189,6 +189,12 @@ def machine_description() -> dict:
     help="Image-encoder graph used by the official pattern and to fill the cache.",
 )
 @click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="torch threads for the text tower [default: torch's choice]; 1 is steadier on a busy machine.",
+)
+@click.option(
     "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write results here."
 )
 def bench_train(
@@ -198,12 +204,15 @@ def bench_train(
     steps: int,
     n_ctx: int,
     precision: str,
+    threads: int | None,
     json_path: Path | None,
 ) -> None:
     """Time one local training step of fedprompt (cached image features, prompts cut after the last
     EOT, class-shared prefix computed once) against the official codes' pattern (image encoder every
     step, every class prompt at full length), check that loss and gradient agree (relative error
     < 1e-4), and print the speed-up. CPU only, one process."""
+    if threads:
+        torch.set_num_threads(threads)
     try:
         report = run_benchmark(bundle, classes, batch_size, steps, n_ctx, precision)
     except BundleError as error:
