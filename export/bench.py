@@ -88,10 +88,14 @@ def bench_text(bundle: Bundle, classes: int) -> dict[str, Any]:
     context = torch.randn(1, CONTEXT_TOKENS, tower.spec.width).mul_(0.02).requires_grad_()
     lengths = {"full": bundle.context_length, "cut": tower.cut_length(tower.eot_positions(ids))}
     steps = {name: text_step(tower, ids, context, length) for name, length in lengths.items()}
+    for step in steps.values():
+        step()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(MIN_RUNS):  # interleaved, so that a burst of load elsewhere hits both alike
         for name, step in steps.items():
-            times[name] += time_runs(step, min_seconds=0.0)
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
     result = {
         name: {"length": lengths[name], "seconds_p50": statistics.median(t), "runs": len(t)}
         for name, t in times.items()
