@@ -124,10 +124,10 @@ class Bundle:
         return self.path / name
 
     def image_session(
-        self, precision: str | None = None, providers: Sequence[str] | None = None
+        self, precision: str | None = None, providers: Sequence[str] | None = None, threads: int | None = None
     ) -> ort.InferenceSession:
         """onnxruntime session of the image encoder: "images" [N,3,H,W] -> "image_features" [N,D]."""
-        return make_session(self.encoder_path("image", precision), providers)
+        return make_session(self.encoder_path("image", precision), providers, threads)
 
     def text_session(
         self, precision: str | None = "fp32", providers: Sequence[str] | None = None

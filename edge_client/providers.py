@@ -52,8 +52,10 @@ def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
     return chosen if CPU in chosen else [*chosen, CPU]
 
 
-def make_session(path: str | Path, providers: Sequence[str] | None = None) -> ort.InferenceSession:
-    """An onnxruntime session on the chosen providers.
+def make_session(
+    path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None
+) -> ort.InferenceSession:
+    """An onnxruntime session on the chosen providers (`threads`: intra-op threads, default all cores).
 
     fp16 graphs on the CPU provider run at ORT_ENABLE_EXTENDED: onnxruntime 1.31's full (layout)
     optimisation level crashes the process on fp16 vision graphs on CPU (measured here)."""
@@ -62,6 +64,8 @@ def make_session(path: str | Path, providers: Sequence[str] | None = None) -> or
     options.log_severity_level = 3  # fallback warnings are noise on the device
     # idle onnxruntime threads must not spin: torch trains prompts in the same process
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
     if ".fp16." in Path(path).name and chosen[0] == CPU:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     return ort.InferenceSession(str(path), sess_options=options, providers=chosen)

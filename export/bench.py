@@ -148,9 +148,21 @@ def machine() -> dict[str, Any]:
     type=click.IntRange(min=1),
     help="Class prompts for the text-tower forward+backward timing.",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads for torch and onnxruntime (default: all cores). On a machine busy with "
+    "other work, 1 gives steadier figures.",
+)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the results here.")
 def bench_encoders(
-    bundle_path: Path, batch_sizes: str, providers: str | None, classes: int, json_path: Path | None
+    bundle_path: Path,
+    batch_sizes: str,
+    providers: str | None,
+    classes: int,
+    threads: int | None,
+    json_path: Path | None,
 ) -> None:
     """Benchmark a BUNDLE's frozen encoders: image encoder throughput (images/s) and latency p50/p95 for
     torch eager and onnxruntime (per provider and precision), and text-tower forward+backward time for
@@ -168,8 +180,10 @@ def bench_encoders(
         raise click.ClickException(str(error)) from None
     if not sizes or min(sizes) < 1:
         raise click.ClickException("--batch-sizes needs positive integers, e.g. 1,8,32")
+    if threads:
+        torch.set_num_threads(threads)
     click.echo(f"bundle: {summary(bundle.manifest)}")
-    rows = bench_images(bundle, model, sizes, chosen)
+    rows = bench_images(bundle, model, sizes, chosen, threads)
     click.echo("text tower forward+backward ...")
     text = bench_text(bundle, classes)
     _print(rows, text)
@@ -187,7 +201,7 @@ def bench_encoders(
 
 @torch.no_grad()
 def bench_images(
-    bundle: Bundle, model: torch.nn.Module, sizes: list[int], providers: list[str]
+    bundle: Bundle, model: torch.nn.Module, sizes: list[int], providers: list[str], threads: int | None = None
 ) -> list[dict]:
     """One row per (engine, provider, precision, batch). Each onnxruntime session lives only while it is
     measured, so that no idle session competes with the next measurement."""
@@ -207,7 +221,7 @@ def bench_images(
             rows.append(latency_row("torch eager", "cpu", "fp32", batch, times))
             bar.update()
         for engine, provider, precision in configs:
-            session = bundle.image_session(precision, providers=[provider])
+            session = bundle.image_session(precision, providers=[provider], threads=threads)
             if session.get_providers()[0] != provider:
                 bar.update(len(sizes))  # onnxruntime fell back to another provider: nothing to measure
                 continue
