@@ -57,7 +57,13 @@ def test_eval_sets_are_balanced_disjoint_and_splits_deterministic() -> None:
         assert np.bincount(LABELS[split.eval_indices], minlength=10).tolist() == [7] * 10
         assert len(split.train_indices) <= 150
     assert len(np.unique(np.concatenate([s.eval_indices for s in splits]))) == 5 * 70
-    assert [s.shift for s in splits] == ["invert", "rotate", "contrast-noise", "tint", "invert"]
+    assert [s.shift for s in splits] == [
+        "tint-orange",
+        "rotate",
+        "tint-blue",
+        "contrast-noise",
+        "tint-orange",
+    ]
     again = make_splits(LABELS, LABELS, settings)
     other = make_splits(LABELS, LABELS, replace(settings, seed=4))
     for a, b in zip(splits, again, strict=True):

@@ -2,7 +2,7 @@
 
 Label skew comes from a Dirichlet(alpha) draw per class or from a pathological split (k classes
 per client). Each client also sees its own image domain (inversion, rotation, low contrast with
-noise, colour tint): real pixel transforms, so a model pretrained on clean images loses accuracy
+noise, colour tints): real pixel transforms, so a model pretrained on clean images loses accuracy
 there. Every client is evaluated on a BALANCED held-out set in its own domain, so a client that
 only learned the few classes it sees often is scored fairly against one that learned them all.
 Partitions are written as ImageFolder trees of PNGs, which is what a real client reads.
@@ -32,21 +32,29 @@ def invert(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return 255.0 - _as_rgb(images)
 
 
-def rotate(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A quarter turn: the garment lies on its side."""
-    return np.rot90(_as_rgb(images), k=1, axes=(1, 2))
+def rotate(images: np.ndarray, rng: np.random.Generator, degrees: float = 25.0) -> np.ndarray:
+    """The garment turned by `degrees` (bilinear, black corners like the background)."""
+    turned = [
+        np.asarray(Image.fromarray(image).rotate(degrees, resample=Image.Resampling.BILINEAR))
+        for image in np.asarray(images, dtype=np.uint8)
+    ]
+    return _as_rgb(np.stack(turned))
 
 
 def low_contrast_noise(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Washed-out grey image with sensor noise."""
-    rgb = _as_rgb(images) * 0.4 + 90.0
-    noise = rng.normal(0.0, 25.0, size=rgb.shape[:3])[..., None]
-    return rgb + noise
+    rgb = _as_rgb(images) * 0.5 + 60.0
+    return rgb + rng.normal(0.0, 20.0, size=rgb.shape[:3])[..., None]
 
 
-def tint(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Orange-tinted object: the channels no longer agree, unlike the grayscale pretraining data."""
-    return _as_rgb(images) * np.array([1.0, 0.55, 0.1], dtype=np.float32)
+def tinted(colour: tuple[float, float, float]) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
+    """A shift that multiplies the channels by `colour`: the channels no longer agree, unlike the
+    grayscale pretraining images."""
+
+    def tint(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return _as_rgb(images) * np.asarray(colour, dtype=np.float32)
+
+    return tint
 
 
 def identity(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -58,7 +66,9 @@ DOMAIN_SHIFTS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]
     "invert": invert,
     "rotate": rotate,
     "contrast-noise": low_contrast_noise,
-    "tint": tint,
+    "tint-orange": tinted((1.0, 0.7, 0.35)),
+    "tint-blue": tinted((0.35, 0.7, 1.0)),
+    "tint-green": tinted((0.45, 1.0, 0.45)),
 }
 
 
@@ -146,7 +156,7 @@ class SplitSettings:
     scheme: str = "dirichlet"  # or "pathological"
     alpha: float = 0.1
     classes_per_client: int = 2
-    shifts: tuple[str, ...] = ("invert", "rotate", "contrast-noise", "tint")
+    shifts: tuple[str, ...] = ("tint-orange", "rotate", "tint-blue", "contrast-noise")
     max_train_per_client: int | None = None
     eval_per_class: int = 50
     seed: int = 0
