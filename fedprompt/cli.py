@@ -16,6 +16,9 @@ COMMANDS: dict[str, str] = {
     "verify": "export.commands:verify_command",
     "aggregator": "aggregator.cli:aggregator",
     "client": "edge_client.cli:client",
+    "pretrain": "export.pretrain:pretrain",
+    "demo": "fedprompt.harness.demo:demo",
+    "experiment": "fedprompt.harness.experiment_command:experiment_command",
 }
 
 

@@ -1,0 +1,179 @@
+"""A federated run in one process: the daemon's round coordinator and store, the device's client
+halves, and bytes in between instead of gRPC.
+
+Nothing of a method or of the round logic is re-implemented here. `aggregator.rounds.RoundCoordinator`
+plays the rounds in its own driver thread exactly as in `fedprompt aggregator serve` (sampling,
+update checks, the method's server half, one SQLite transaction per round); this module plays the
+clients: it polls the coordinator, decodes the task payload with the wire codec, runs the client
+half from `edge_client.methods`, encodes the update in the run's update encoding (so fp16
+rounding happens exactly as on the wire) and submits the bytes, which the coordinator counts.
+
+Every client is always on and answers at once, so liveness and deadlines never bite: the in-process
+rules switch them off (huge timeouts) rather than simulate network time.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from aggregator.config import AggregatorConfig, MethodConfig, RoundConfig, ServerConfig
+from aggregator.rounds import RoundCoordinator
+from aggregator.store import RoundRecord, SQLiteStore
+from edge_client.methods.base import ClientMethod, RoundTask
+from edge_client.methods.registry import CLIENT_METHODS
+from edge_client.workspace import ClientWorkspace
+from fedprompt.common.codec import decode_tensor_set, encode_tensor_set
+from fedprompt.common.settings import TrainingSettings
+
+ALWAYS_ON_S = 1e9  # liveness and round timeouts of the in-process run: never reached
+IDLE_POLL_S = 0.002  # how long the clients wait before polling again while the server aggregates
+
+
+@dataclass(frozen=True)
+class FederationRules:
+    """What the daemon's [rounds] and [server] sections would say for this run."""
+
+    rounds: int
+    fraction: float = 1.0
+    seed: int = 0
+    task_encoding: str = "fp32"
+    update_encoding: str = "fp16"
+
+    def aggregator_config(self, method: str, settings: TrainingSettings, clients: int, state: Path):
+        """The daemon's config for this run, checked by the daemon's own rules."""
+        return AggregatorConfig(
+            server=ServerConfig(
+                state=str(state), task_encoding=self.task_encoding, update_encoding=self.update_encoding
+            ),
+            rounds=RoundConfig(
+                rounds=self.rounds,
+                min_clients=clients,
+                fraction=self.fraction,
+                min_fit=1,
+                min_updates=1,
+                round_timeout_s=ALWAYS_ON_S,
+                client_timeout_s=ALWAYS_ON_S,
+                seed=self.seed,
+            ),
+            method=MethodConfig(method),
+            training=settings,
+        ).check()
+
+
+class _Driver(threading.Thread):
+    """The coordinator's round loop, keeping any exception for the client side to re-raise."""
+
+    def __init__(self, coordinator: RoundCoordinator) -> None:
+        super().__init__(name="in-process-aggregator", daemon=True)
+        self.coordinator = coordinator
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.coordinator.run()
+        except BaseException as error:  # re-raised in the thread that plays the clients
+            self.error = error
+
+
+def run_federated(
+    method: str,
+    settings: TrainingSettings,
+    workspaces: Sequence[ClientWorkspace],
+    rules: FederationRules,
+    state: Path,
+    on_round: Callable[[int], None] | None = None,
+) -> tuple[list[RoundRecord], list[str]]:
+    """Play `rules.rounds` rounds of `method` over the clients' workspaces; the store at `state`
+    (which must not exist yet) keeps everything the daemon would. Returns the committed rounds and
+    the client id of each workspace, in order. `on_round(round_id)` is called after each commit."""
+    if state.exists():
+        raise FileExistsError(f"{state} exists; an in-process run starts from a fresh state")
+    config = rules.aggregator_config(method, settings, len(workspaces), state)
+    store = SQLiteStore(state)
+    try:
+        coordinator = RoundCoordinator(store, config)
+        sessions = [
+            coordinator.enroll(store.issue_token(f"client {i}"), f"client {i}")
+            for i in range(len(workspaces))
+        ]
+        client_ids = [client_id for client_id, _ in sessions]
+        clients = {cid: CLIENT_METHODS[method](ws) for cid, ws in zip(client_ids, workspaces, strict=True)}
+        driver = _Driver(coordinator)
+        driver.start()
+        try:
+            _play_clients(coordinator, sessions, clients, rules.update_encoding, driver, on_round)
+        finally:
+            coordinator.stop()
+            driver.join()
+        if driver.error is not None:
+            raise driver.error
+        return store.rounds(), client_ids
+    finally:
+        store.close()
+
+
+def _play_clients(
+    coordinator: RoundCoordinator,
+    sessions: list[tuple[str, str]],
+    clients: dict[str, ClientMethod],
+    update_encoding: str,
+    driver: _Driver,
+    on_round: Callable[[int], None] | None,
+) -> None:
+    """Poll as the devices do until the run is finished: train when told to, else wait briefly."""
+    settings = json.loads(coordinator.settings_json)
+    reported = coordinator.committed
+    while not coordinator.finished:
+        if not driver.is_alive():
+            raise driver.error or RuntimeError("the in-process aggregator stopped before the run finished")
+        trained = False
+        for client_id, session in sessions:
+            coordinator.authenticate(session)  # a poll: keeps the client live, as over gRPC
+            task = coordinator.next_task(client_id)
+            if task.status != "train":
+                continue
+            round_task = RoundTask(
+                coordinator.run_id,
+                task.round_id,
+                coordinator.config.method.name,
+                settings,
+                decode_tensor_set(task.payload),
+                task.deadline_unix,
+            )
+            result = clients[client_id].run_round(round_task)
+            payload = encode_tensor_set(result.tensors, update_encoding)
+            coordinator.submit(
+                client_id,
+                coordinator.run_id,
+                task.round_id,
+                result.num_examples,
+                _as_wire_map(result.metrics),
+                _as_wire_map(result.privacy),
+                payload,
+            )
+            trained = True
+        reported = _report_commits(coordinator, reported, on_round)
+        if not trained:
+            time.sleep(IDLE_POLL_S)
+    _report_commits(coordinator, reported, on_round)
+
+
+def _as_wire_map(values: dict[str, float]) -> dict[str, float]:
+    """Metrics and privacy reports as the wire carries them: a map of doubles."""
+    return {key: float(value) for key, value in values.items()}
+
+
+def _report_commits(
+    coordinator: RoundCoordinator, reported: int, on_round: Callable[[int], None] | None
+) -> int:
+    """Call `on_round` for every round committed since `reported`; returns the last one."""
+    committed = coordinator.committed
+    if on_round is not None:
+        for round_id in range(reported + 1, committed + 1):
+            on_round(round_id)
+    return committed

@@ -1,0 +1,281 @@
+"""`fedprompt experiment` end to end on the tiny bundle and real Fashion-MNIST images (3 clients,
+2 rounds, 2 seeds): its outputs, the split shared by every method of a seed, the bytes that
+crossed the in-process wire, the noise calibrated to a target epsilon (checked against opacus'
+own analysis), the clustering hook, the claims' verdicts and the config's one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from opacus.accountants.analysis import rdp as rdp_analysis
+from PIL import Image
+
+from aggregator.store import ClientRoundRecord
+from edge_client.bundle import Bundle
+from edge_client.datasets import fashion_mnist_dir
+from fedprompt.cli import main
+from fedprompt.common.codec import encode_tensor_set
+from fedprompt.common.settings import TrainingSettings
+from fedprompt.harness.calibration import calibrate_noise_multiplier
+from fedprompt.harness.client_data import load_pools, local_eval_indices, split_id
+from fedprompt.harness.experiment_config import (
+    ExperimentConfigError,
+    load_experiment_config,
+    parse_experiment_config,
+)
+from fedprompt.harness.round_metrics import COLUMNS, round_row
+from fedprompt.harness.splits import ClientSplit, make_splits
+
+pytestmark = pytest.mark.skipif(
+    not (fashion_mnist_dir() / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Fashion-MNIST data absent (install Debian's dataset-fashion-mnist)",
+)
+
+N_CTX, ROUNDS, SEEDS, TARGET_EPSILON = 4, 2, (0, 1), 6.0
+ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+
+CONFIG = f"""
+name = "tiny"
+seeds = {list(SEEDS)}
+[bundle]
+path = "BUNDLE"
+[split]
+num_clients = 3
+alpha = 0.5
+max_train_per_client = 40
+eval_per_class = 4
+[rounds]
+rounds = {ROUNDS}
+[training]
+n_ctx = {N_CTX}
+lr = 0.05
+batch_size = 16
+[[methods]]
+method = "zero-shot"
+[[methods]]
+method = "local-only"
+[[methods]]
+label = "PromptFL"
+method = "promptfl"
+[[methods]]
+label = "PromptFL + client DP"
+method = "promptfl"
+settings = {{ dp = "client", clip = 0.5 }}
+target_epsilon = {TARGET_EPSILON}
+[[claims]]
+paper = "PromptFL"
+claim = "federation beats training alone"
+test = "beats"
+subject = "PromptFL"
+reference = ["local-only"]
+"""
+
+
+@pytest.fixture(scope="module")
+def experiment(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("experiment")
+    config = root / "tiny.toml"
+    config.write_text(CONFIG.replace("BUNDLE", str(tiny_bundle)))
+    result = CliRunner().invoke(
+        main,
+        ["experiment", "--config", str(config), "--out", str(root / "out"), "--markdown", str(root / "t.md")],
+    )
+    assert result.exit_code == 0, result.output
+    with open(root / "out" / "metrics.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    return {
+        "root": root,
+        "output": result.output,
+        "rows": rows,
+        "json": json.loads((root / "out" / "metrics.json").read_text()),
+    }
+
+
+def _number(value: str) -> float | None:
+    return None if value == "" else float(value)
+
+
+def _rows(experiment: dict, method: str, seed: int) -> list[dict]:
+    return [r for r in experiment["rows"] if r["method"] == method and int(r["seed"]) == seed]
+
+
+def test_writes_csv_json_png_and_markdown_with_the_expected_rows(experiment: dict) -> None:
+    rows = experiment["rows"]
+    assert tuple(rows[0]) == COLUMNS
+    assert len(rows) == len(SEEDS) * (1 + 3 * ROUNDS)  # zero-shot has round 0 only
+    for row in rows:
+        assert int(row["participants"]) == 3
+        assert 0.0 <= float(row["accuracy"]) <= 1.0
+    as_json = [(r["method"], r["seed"], r["round"], r["accuracy"]) for r in experiment["json"]["rows"]]
+    assert as_json == [(r["method"], int(r["seed"]), int(r["round"]), float(r["accuracy"])) for r in rows]
+    with Image.open(experiment["root"] / "out" / "accuracy.png") as image:
+        assert image.format == "PNG"
+        assert image.width > 1.5 * image.height  # two panels: per round, and against epsilon (DP is on)
+    table = (experiment["root"] / "t.md").read_text()
+    assert table in experiment["output"]
+    for label in ("zero-shot", "local-only", "PromptFL", "PromptFL + client DP"):
+        assert f"| {label} |" in table
+
+
+def test_every_method_of_a_seed_ran_on_the_same_recorded_split(experiment: dict) -> None:
+    document = experiment["json"]
+    ids = {seed: document["splits"][str(seed)]["split_id"] for seed in SEEDS}
+    assert len(set(ids.values())) == len(SEEDS)
+    for row in experiment["rows"]:
+        assert row["split_id"] == ids[int(row["seed"])]
+    config = load_experiment_config(experiment["root"] / "tiny.toml")
+    pools = load_pools(config.data, config.base_dir)
+    for seed in SEEDS:  # the recorded id is that of the split the settings define
+        splits = make_splits(pools.train.labels, pools.evaluation.labels, config.split.settings(seed))
+        assert split_id(splits) == ids[seed]
+        recorded = document["splits"][str(seed)]["clients"]
+        assert [c["train_examples"] for c in recorded] == [len(s.train_indices) for s in splits]
+        assert [c["domain"] for c in recorded] == [s.shift for s in splits]
+
+
+def test_bytes_are_those_of_the_wire_encoding(experiment: dict) -> None:
+    width = Bundle.open(experiment["json"]["bundle"]["path"]).manifest["text_width"]
+    up = len(encode_tensor_set({"ctx": np.zeros((N_CTX, width), np.float32)}, "fp16"))
+    down = len(encode_tensor_set({"ctx": np.zeros((N_CTX, width), np.float32)}, "fp32"))
+    for seed in SEEDS:
+        first, second = _rows(experiment, "PromptFL", seed)
+        assert float(first["bytes_up"]) == float(second["bytes_up"]) == up
+        assert float(first["bytes_down"]) == 0.0  # round 1: the server has no prompt yet
+        assert float(second["bytes_down"]) == down
+        assert all(float(r["bytes_up"]) == 0.0 for r in _rows(experiment, "local-only", seed))
+
+
+def test_dp_run_spends_the_target_epsilon_and_plain_runs_none(experiment: dict) -> None:
+    for seed in SEEDS:
+        private = _rows(experiment, "PromptFL + client DP", seed)
+        epsilons = [float(r["epsilon"]) for r in private]
+        assert epsilons[0] < epsilons[1] <= TARGET_EPSILON
+        assert epsilons[1] == pytest.approx(TARGET_EPSILON, rel=2e-3)
+        assert all(_number(r["epsilon"]) is None for r in _rows(experiment, "PromptFL", seed))
+
+
+def test_claim_verdict_follows_the_measured_accuracies(experiment: dict) -> None:
+    gaps = [
+        float(_rows(experiment, "PromptFL", s)[-1]["accuracy"])
+        - float(_rows(experiment, "local-only", s)[-1]["accuracy"])
+        for s in SEEDS
+    ]
+    verdict = "yes" if np.mean(gaps) > 0 else "no"
+    claim_line = next(
+        line for line in experiment["output"].splitlines() if line.startswith("| PromptFL | federation")
+    )
+    assert claim_line.rstrip(" |").split("| ")[-1].startswith(verdict)
+
+
+def _opacus_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    rdp = rdp_analysis.compute_rdp(
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=ORDERS
+    )
+    return float(rdp_analysis.get_privacy_spent(orders=ORDERS, rdp=rdp, delta=delta)[0])
+
+
+def test_client_level_sigma_gives_the_target_epsilon_per_opacus() -> None:
+    settings = TrainingSettings(dp="client", clip=0.5)
+    sigma = calibrate_noise_multiplier(settings, [50, 80], rounds=10, target_epsilon=3.0)
+    # client-level DP: replacement adjacency, accounted multiplier sigma / 2, q = 1, one step per round
+    assert _opacus_epsilon(sigma / 2, 1.0, 10, settings.delta) == pytest.approx(3.0, rel=2e-3)
+    assert _opacus_epsilon(sigma / 2, 1.0, 10, settings.delta) <= 3.0
+
+
+def test_sample_level_sigma_holds_the_target_for_the_smallest_client() -> None:
+    settings = TrainingSettings(dp="sample", batch_size=10, local_epochs=2)
+    sigma = calibrate_noise_multiplier(settings, [40, 200], rounds=3, target_epsilon=4.0)
+    epsilons = [
+        _opacus_epsilon(sigma, 10 / n, 3 * 2 * int(np.ceil(n / 10)), settings.delta) for n in (40, 200)
+    ]
+    assert max(epsilons) == pytest.approx(4.0, rel=2e-3)  # the smallest client (highest rate) binds
+    assert epsilons[1] < epsilons[0] <= 4.0
+
+
+def test_cluster_hook_scores_reported_clusters_against_true_domains() -> None:
+    domains = {"a": "invert", "b": "invert", "c": "rotate", "d": "rotate"}
+
+    def records(clusters: dict[str, int]) -> list[ClientRoundRecord]:
+        return [ClientRoundRecord(c, 10, {"accuracy": 0.5, "cluster": k}) for c, k in clusters.items()]
+
+    identity = {"round": 1}
+    assert round_row(records({"a": 7, "b": 7, "c": 2, "d": 2}), domains, identity)["ari"] == 1.0
+    assert round_row(records({"a": 0, "b": 1, "c": 0, "d": 1}), domains, identity)["ari"] < 0.5
+    plain = [ClientRoundRecord(c, 10, {"accuracy": 0.5}) for c in domains]
+    assert round_row(plain, domains, identity)["ari"] is None
+
+
+def test_local_evaluation_keeps_classes_in_the_clients_training_proportions() -> None:
+    train_labels = np.array([0] * 30 + [1] * 10 + [2] * 5)
+    eval_labels = np.repeat(np.arange(4), 12)
+    split = ClientSplit(0, np.arange(45), np.arange(48), "clean")
+    kept = eval_labels[local_eval_indices(split, train_labels, eval_labels)]
+    assert np.bincount(kept, minlength=4).tolist() == [12, 4, 2, 0]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"bogus": 1}, "unknown key(s) bogus"),
+        ({"split": {"alhpa": 0.1}}, "unknown key(s) in [split]: alhpa"),
+        ({"methods": [{"method": "fedavg"}]}, "method must be one of zero-shot, local-only"),
+        ({"methods": [{"method": "promptfl", "target_epsilon": 2.0}]}, "needs settings dp"),
+        ({"training": {"seed": 3}, "methods": [{"method": "promptfl"}]}, "seed comes from the experiment"),
+        (
+            {
+                "methods": [
+                    {
+                        "label": "a",
+                        "method": "promptfl",
+                        "settings": {"dp": "client"},
+                        "match_epsilon_of": "b",
+                    },
+                    {
+                        "label": "b",
+                        "method": "promptfl",
+                        "settings": {"dp": "client"},
+                        "match_epsilon_of": "a",
+                    },
+                ]
+            },
+            "cycle",
+        ),
+        (
+            {
+                "methods": [{"method": "promptfl"}],
+                "claims": [
+                    {"paper": "p", "claim": "c", "test": "beats", "subject": "x", "reference": ["promptfl"]}
+                ],
+            },
+            "no [[methods]] entry labelled ['x']",
+        ),
+    ],
+)
+def test_config_mistakes_are_one_clear_line(data: dict, message: str) -> None:
+    with pytest.raises(ExperimentConfigError) as caught:
+        parse_experiment_config(data, Path.cwd(), "x")
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_settings_of_an_entry_merge_over_training_defaults() -> None:
+    config = parse_experiment_config(
+        {"training": {"lr": 0.01}, "methods": [{"method": "promptfl", "settings": {"dp": "client"}}]},
+        Path.cwd(),
+        "x",
+    )
+    assert config.methods[0].settings == replace(TrainingSettings(), lr=0.01, dp="client")
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "fedprompt/harness/experiments").glob("*.toml"))
+)
+def test_committed_experiment_configs_are_valid(path: Path) -> None:
+    config = load_experiment_config(path)
+    assert config.methods and config.seeds
