@@ -17,7 +17,8 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,11 +98,44 @@ def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def run_benchmark(
-    bundle_dir: Path, classes: int, batch_size: int, steps: int, n_ctx: int, precision: str, seed: int = 0
+    bundle_dir: Path,
+    classes: int,
+    batch_size: int,
+    steps: int,
+    n_ctx: int,
+    precision: str,
+    threads: int | None = None,
+    seed: int = 0,
 ) -> dict:
-    """Time every variant `steps` times (after one warm-up each), interleaved; compare with the first."""
+    """Time every variant `steps` times (after one warm-up each), interleaved; compare with the first.
+    `threads` (None = the libraries' defaults) applies to torch and onnxruntime alike."""
+    with torch_threads(threads):
+        return _run_benchmark(bundle_dir, classes, batch_size, steps, n_ctx, precision, threads, seed)
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run with `threads` torch threads (None: unchanged), restoring the previous count after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_benchmark(
+    bundle_dir: Path,
+    classes: int,
+    batch_size: int,
+    steps: int,
+    n_ctx: int,
+    precision: str,
+    threads: int | None,
+    seed: int,
+) -> dict:
     bundle = Bundle.open(bundle_dir)
-    session = bundle.image_session(precision, providers=["cpu"])
+    session = bundle.image_session(precision, providers=["cpu"], threads=threads)
     generator = torch.Generator().manual_seed(seed)
     size = bundle.manifest["image_size"]
     images = torch.randn(batch_size, 3, *size, generator=generator).numpy()
@@ -146,6 +180,7 @@ def run_benchmark(
         "n_ctx": n_ctx,
         "steps": steps,
         "precision": precision,
+        "threads": threads,
         "rows": rows,
         "speedup": fedprompt["speedup"],
         "max_rel_error": max(max(r["loss_rel_error"], r["grad_rel_error"]) for r in rows),
@@ -192,7 +227,7 @@ def machine_description() -> dict:
     "--threads",
     type=click.IntRange(min=1),
     default=None,
-    help="torch threads for the text tower [default: torch's choice]; 1 is steadier on a busy machine.",
+    help="Threads for torch and onnxruntime alike [default: theirs]; 1 is steadier on a busy machine.",
 )
 @click.option(
     "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write results here."
@@ -211,10 +246,8 @@ def bench_train(
     EOT, class-shared prefix computed once) against the official codes' pattern (image encoder every
     step, every class prompt at full length), check that loss and gradient agree (relative error
     < 1e-4), and print the speed-up. CPU only, one process."""
-    if threads:
-        torch.set_num_threads(threads)
     try:
-        report = run_benchmark(bundle, classes, batch_size, steps, n_ctx, precision)
+        report = run_benchmark(bundle, classes, batch_size, steps, n_ctx, precision, threads)
     except BundleError as error:
         raise click.ClickException(str(error)) from None
     click.echo(

@@ -16,24 +16,13 @@ def test_bench_reports_every_variant_with_matching_loss_and_gradient(
     tiny_bundle: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "bench.json"
-    args = [
-        str(tiny_bundle),
-        "--classes",
-        "7",
-        "--batch-size",
-        "4",
-        "--steps",
-        "1",
-        "--n-ctx",
-        "4",
-        "--json",
-        str(out),
-    ]
+    options = {"--classes": 7, "--batch-size": 4, "--steps": 1, "--n-ctx": 4, "--threads": 1, "--json": out}
+    args = [str(tiny_bundle), *(str(part) for item in options.items() for part in item)]
     result = CliRunner().invoke(bench_train, args)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert [row["variant"] for row in report["rows"]] == [v.name for v in VARIANTS]
-    assert report["max_rel_error"] < 1e-4 and report["speedup"] > 0
+    assert report["max_rel_error"] < 1e-4 and report["speedup"] > 0 and report["threads"] == 1
     full, *_, shared = report["rows"]
     assert full["prompt_length"] == 77 > shared["prompt_length"]
     assert "faster than the official pattern" in result.output
