@@ -160,6 +160,21 @@ def test_dp_run_spends_the_target_epsilon_and_plain_runs_none(experiment: dict) 
         assert all(_number(r["epsilon"]) is None for r in _rows(experiment, "PromptFL", seed))
 
 
+def test_served_model_is_measured_once_after_the_run_without_spending_privacy(experiment: dict) -> None:
+    for seed in SEEDS:
+        for method in ("local-only", "PromptFL", "PromptFL + client DP"):
+            rows = _rows(experiment, method, seed)
+            assert [_number(r["served_accuracy"]) is None for r in rows] == [True] * (ROUNDS - 1) + [False]
+            assert 0.0 <= float(rows[-1]["served_accuracy"]) <= 1.0
+        last = _rows(experiment, "local-only", seed)[-1]
+        assert last["served_accuracy"] == last["accuracy"]  # a client alone keeps its own prompt
+    runs = experiment["root"] / "out" / "runs"
+    for accountant in runs.glob("seed-*/*client-dp/client-*/privacy_accountant.json"):
+        history = json.loads(accountant.read_text())["history"]
+        assert sum(steps for _, _, steps in history) == ROUNDS  # the evaluation's round was thrown away
+    assert len(list(runs.glob("seed-*/*client-dp/client-*/privacy_accountant.json"))) == 3 * len(SEEDS)
+
+
 def test_claim_verdict_follows_the_measured_accuracies(experiment: dict) -> None:
     gaps = [
         float(_rows(experiment, "PromptFL", s)[-1]["accuracy"])

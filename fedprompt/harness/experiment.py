@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from aggregator.store import ClientRoundRecord
+from edge_client.workspace import ClientWorkspace
 from fedprompt.common.settings import TrainingSettings
 from fedprompt.harness.baselines import local_only_rounds, zero_shot_accuracy
 from fedprompt.harness.bundle_source import resolve_bundle
@@ -136,9 +139,10 @@ def _run_entry(
     config: ExperimentConfig,
     run_dir: Path,
     identity: dict[str, Any],
-    on_round,
+    on_round: Callable[[int], None],
 ) -> list[dict[str, Any]]:
-    """Run one entry for one seed and return its rows (round 0 only for zero-shot)."""
+    """Run one entry for one seed and return its rows (round 0 only for zero-shot); the last row
+    also carries `served_accuracy`, the client mean of what each client is left with."""
     if entry.method == ZERO_SHOT:
         names = [f"client-{i}" for i in range(len(clients.workspaces))]
         records = [
@@ -146,20 +150,12 @@ def _run_entry(
             for name, ws in zip(names, clients.workspaces, strict=True)
         ]
         on_round(0)
-        return [round_row(records, dict(zip(names, clients.domains, strict=True)), {**identity, "round": 0})]
+        rows = [round_row(records, dict(zip(names, clients.domains, strict=True)), {**identity, "round": 0})]
+        rows[-1]["served_accuracy"] = rows[-1]["accuracy"]  # the hand prompt is all there is
+        return rows
     workspaces = [fresh_workspace(ws, run_dir / f"client-{i}") for i, ws in enumerate(clients.workspaces)]
     if entry.method == LOCAL_ONLY:
-        names = [f"client-{i}" for i in range(len(workspaces))]
-        domains = dict(zip(names, clients.domains, strict=True))
-        rows = []
-        for round_id, results in enumerate(local_only_rounds(workspaces, settings, config.rounds.rounds), 1):
-            records = [  # nothing is received: the start of a round is the client's own prompt
-                ClientRoundRecord(name, r.num_examples, _without(r.metrics, "received_accuracy"), r.privacy)
-                for name, r in zip(names, results, strict=True)
-            ]
-            rows.append(round_row(records, domains, {**identity, "round": round_id}))
-            on_round(round_id)
-        return rows
+        return _local_only_rows(workspaces, settings, config, clients.domains, identity, on_round)
     rules = FederationRules(
         rounds=config.rounds.rounds,
         fraction=config.rounds.fraction,
@@ -167,14 +163,40 @@ def _run_entry(
         task_encoding=config.rounds.task_encoding,
         update_encoding=config.rounds.update_encoding,
     )
-    records, client_ids = run_federated(
-        entry.method, settings, workspaces, rules, run_dir / "aggregator.sqlite", on_round
-    )
-    domains = dict(zip(client_ids, clients.domains, strict=True))
-    return [
+    run = run_federated(entry.method, settings, workspaces, rules, run_dir / "aggregator.sqlite", on_round)
+    domains = dict(zip(run.client_ids, clients.domains, strict=True))
+    rows = [
         round_row(r.clients, domains, {**identity, "round": r.round_id}, r.metrics.get("strategy"))
-        for r in records
+        for r in run.rounds
     ]
+    served = [a for a in run.served_accuracy if a is not None]
+    rows[-1]["served_accuracy"] = float(np.mean(served)) if served else None
+    return rows
+
+
+def _local_only_rows(
+    workspaces: list[ClientWorkspace],
+    settings: TrainingSettings,
+    config: ExperimentConfig,
+    domains: list[str],
+    identity: dict[str, Any],
+    on_round: Callable[[int], None],
+) -> list[dict[str, Any]]:
+    """Rows of the local-only baseline. Nothing is received (a round starts from the client's own
+    prompt), and what a client is left with is its own prompt after the last round."""
+    names = [f"client-{i}" for i in range(len(workspaces))]
+    rows = []
+    for round_id, results in enumerate(local_only_rounds(workspaces, settings, config.rounds.rounds), 1):
+        records = [
+            ClientRoundRecord(name, r.num_examples, _without(r.metrics, "received_accuracy"), r.privacy)
+            for name, r in zip(names, results, strict=True)
+        ]
+        rows.append(
+            round_row(records, dict(zip(names, domains, strict=True)), {**identity, "round": round_id})
+        )
+        on_round(round_id)
+    rows[-1]["served_accuracy"] = rows[-1]["accuracy"]
+    return rows
 
 
 def _without(metrics: dict[str, float], key: str) -> dict[str, float]:

@@ -27,6 +27,7 @@ LOCAL_ONLY = "local-only"
 BASELINES = (ZERO_SHOT, LOCAL_ONLY)
 EVALUATIONS = ("balanced", "local")
 CLAIM_TESTS = ("beats", "smaller_drop")
+CLAIM_METRICS = {"trained": "accuracy", "served": "served_accuracy"}  # -> column of the last round
 EMBEDDED = "embedded"
 
 
@@ -119,13 +120,18 @@ class MethodEntry:
 class Claim:
     """A paper's claim and the entries that test it. test "beats": `subject` (one label) has a
     higher final accuracy than each of `reference`. test "smaller_drop": `subject` and `reference`
-    are [without DP, with DP] pairs; the subject's accuracy drop must be the smaller one."""
+    are [without DP, with DP] pairs; the subject's accuracy drop must be the smaller one.
+    `subject_metric` / `reference_metric`: which final accuracy stands for a method, "trained"
+    (each client's model after its last round of local training: a personalised method's own
+    model) or "served" (the model each client is served after the run: PromptFL's global prompt)."""
 
     paper: str
     claim: str
     test: str
     subject: tuple[str, ...]
     reference: tuple[str, ...]
+    subject_metric: str = "trained"
+    reference_metric: str = "trained"
 
 
 @dataclass(frozen=True)
@@ -282,11 +288,16 @@ def _method(values: Any, training: dict[str, Any], index: int) -> MethodEntry:
 def _claim(values: Any, index: int) -> Claim:
     where = f"[[claims]] #{index + 1}"
     _require(isinstance(values, dict), f"{where} must be a table")
-    known = {"paper", "claim", "test", "subject", "reference"}
-    unknown = sorted(set(values) - known)
+    required = {"paper", "claim", "test", "subject", "reference"}
+    unknown = sorted(set(values) - required - {"subject_metric", "reference_metric"})
     _require(not unknown, f"{where}: unknown key(s) {', '.join(unknown)}")
-    missing = sorted(known - set(values))
+    missing = sorted(required - set(values))
     _require(not missing, f"{where}: missing key(s) {', '.join(missing)}")
+    metrics = (values.get("subject_metric", "trained"), values.get("reference_metric", "trained"))
+    _require(
+        all(m in CLAIM_METRICS for m in metrics),
+        f"{where}: metrics must be one of {', '.join(CLAIM_METRICS)}",
+    )
     test = values["test"]
     _require(test in CLAIM_TESTS, f"{where}: test must be one of {', '.join(CLAIM_TESTS)}")
     subject, reference = _labels(values["subject"], where), _labels(values["reference"], where)
@@ -299,7 +310,7 @@ def _claim(values: Any, index: int) -> Claim:
     _require(
         all(isinstance(values[k], str) for k in ("paper", "claim")), f"{where}: paper and claim are text"
     )
-    return Claim(values["paper"], values["claim"], test, subject, reference)
+    return Claim(values["paper"], values["claim"], test, subject, reference, *metrics)
 
 
 def _labels(value: Any, where: str) -> tuple[str, ...]:

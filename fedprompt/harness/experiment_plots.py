@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from fedprompt.harness.experiment_config import ZERO_SHOT
 
@@ -43,6 +44,7 @@ def plot_experiment(rows: Sequence[dict[str, Any]], labels: Sequence[str], title
         xlabel="round", ylabel="held-out accuracy (mean over clients)", title=f"{title}: accuracy per round"
     )
     per_round.set_xlim(0.5, max(last_round, 1) + 0.5)
+    per_round.xaxis.set_major_locator(MaxNLocator(integer=True))
     per_round.grid(alpha=0.3)
     per_round.legend(fontsize=8)
     if private:
@@ -58,7 +60,7 @@ def plot_experiment(rows: Sequence[dict[str, Any]], labels: Sequence[str], title
             xlabel="ε spent (max over clients, mean over seeds)", ylabel="held-out accuracy", xscale="log"
         )
         against.set_title(f"{title}: accuracy against privacy spent")
-        against.grid(alpha=0.3, which="both")
+        against.grid(alpha=0.3)
         against.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -19,7 +19,7 @@ import numpy as np
 
 from edge_client.bundle import Bundle
 from fedprompt.harness.experiment import ExperimentResults
-from fedprompt.harness.experiment_config import ZERO_SHOT, Claim
+from fedprompt.harness.experiment_config import CLAIM_METRICS, ZERO_SHOT, Claim
 from fedprompt.harness.round_metrics import COLUMNS
 
 
@@ -73,7 +73,7 @@ def _method_line(results: ExperimentResults, label: str) -> str:
     finals = final_rows(results.rows, label)
     rows = [r for r in results.rows if r["method"] == label]
     accuracy = [r["accuracy"] for r in finals.values() if r["accuracy"] is not None]
-    served = [r["received_accuracy"] for r in finals.values() if r["received_accuracy"] is not None]
+    served = [r["served_accuracy"] for r in finals.values() if r["served_accuracy"] is not None]
     central = [r["server_epsilon"] for r in finals.values() if r["server_epsilon"] is not None]
     epsilons = [r["epsilon"] for r in finals.values() if r["epsilon"] is not None]
     noise = [r["noise_multiplier"] for r in finals.values() if r["noise_multiplier"] is not None]
@@ -95,8 +95,11 @@ def _method_line(results: ExperimentResults, label: str) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def _final_accuracy(results: ExperimentResults, label: str) -> dict[int, float]:
-    return {seed: row["accuracy"] for seed, row in final_rows(results.rows, label).items()}
+def _final_accuracy(results: ExperimentResults, label: str, metric: str) -> dict[int, float]:
+    """Per seed, the final `metric` ("trained" or "served") of `label`, where it was measured."""
+    column = CLAIM_METRICS[metric]
+    finals = final_rows(results.rows, label).items()
+    return {seed: row[column] for seed, row in finals if row[column] is not None}
 
 
 def _verdict(holds: bool, per_seed: list[bool]) -> str:
@@ -114,7 +117,8 @@ def _signed(values: list[float]) -> str:
 def judge_claim(results: ExperimentResults, claim: Claim) -> tuple[str, str]:
     """(what was measured, whether the claim holds here) for one claim, from per-seed differences
     of final accuracies (paired: a seed's methods share one split)."""
-    accuracy = {label: _final_accuracy(results, label) for label in claim.subject + claim.reference}
+    accuracy = {label: _final_accuracy(results, label, claim.subject_metric) for label in claim.subject}
+    accuracy |= {label: _final_accuracy(results, label, claim.reference_metric) for label in claim.reference}
     seeds = sorted(set.intersection(*(set(a) for a in accuracy.values())))
     if not seeds:
         return "not measured", "n/a"
@@ -162,12 +166,14 @@ def markdown_summary(results: ExperimentResults) -> str:
         f"{split.evaluation} held-out sets; {config.rounds.rounds} rounds, "
         f"fraction {config.rounds.fraction:g}, updates "
         f"{config.rounds.update_encoding}; seeds {', '.join(map(str, config.seeds))} (split ids {ids}); "
-        f"bundle {bundle.manifest['model']} ({bundle.digest[:12]}). Accuracy: after the last round, on each "
-        f"client's held-out set, clients weighted equally, mean ± std over seeds; at start: the same at the "
-        f"start of the last round, before local training (the received global model, with the client's "
-        f"local parts for personalised methods). Total {results.seconds / 60:.1f} min.",
+        f"bundle {bundle.manifest['model']} ({bundle.digest[:12]}). Accuracy on each client's held-out "
+        f"set, clients weighted equally, mean ± std over seeds. Trained: each client's model after its "
+        f"last round of local training (a personalised method's own model; PromptFL's local prompt before "
+        f"averaging). Served: the model each client is served after the run (PromptFL: the final global "
+        f"prompt; DP-FPL: it with the client's local prompt; pFedMoAP: it as local prompt with the "
+        f"client's experts and gating network). Total {results.seconds / 60:.1f} min.",
         "",
-        "| method | accuracy | at start | ε (δ, noise σ) | up / down per client per round | time per run |",
+        "| method | trained | served | ε (δ, noise σ) | up / down per client per round | time per run |",
         "| --- | --- | --- | --- | --- | --- |",
         *[_method_line(results, entry.label) for entry in config.methods],
     ]
@@ -175,5 +181,6 @@ def markdown_summary(results: ExperimentResults) -> str:
         lines += ["", "| paper | claim | measured by fedprompt | holds here? |", "| --- | --- | --- | --- |"]
         for claim in config.claims:
             measured, verdict = judge_claim(results, claim)
-            lines.append(f"| {claim.paper} | {claim.claim} | {measured} | {verdict} |")
+            metrics = f"{claim.subject_metric} vs {claim.reference_metric}"
+            lines.append(f"| {claim.paper} | {claim.claim} | {measured} ({metrics}) | {verdict} |")
     return "\n".join(lines) + "\n"

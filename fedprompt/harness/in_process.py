@@ -29,6 +29,7 @@ from edge_client.methods.registry import CLIENT_METHODS
 from edge_client.workspace import ClientWorkspace
 from fedprompt.common.codec import decode_tensor_set, encode_tensor_set
 from fedprompt.common.settings import TrainingSettings
+from fedprompt.harness.served_model import served_accuracies
 
 ALWAYS_ON_S = 1e9  # liveness and round timeouts of the in-process run: never reached
 IDLE_POLL_S = 0.002  # how long the clients wait before polling again while the server aggregates
@@ -80,6 +81,16 @@ class _Driver(threading.Thread):
             self.error = error
 
 
+@dataclass(frozen=True)
+class FederatedRun:
+    """The committed rounds as the store has them, each workspace's client id, and the accuracy
+    of the model each client is served after the run (`fedprompt.harness.served_model`)."""
+
+    rounds: list[RoundRecord]
+    client_ids: list[str]
+    served_accuracy: list[float | None]
+
+
 def run_federated(
     method: str,
     settings: TrainingSettings,
@@ -87,10 +98,10 @@ def run_federated(
     rules: FederationRules,
     state: Path,
     on_round: Callable[[int], None] | None = None,
-) -> tuple[list[RoundRecord], list[str]]:
+) -> FederatedRun:
     """Play `rules.rounds` rounds of `method` over the clients' workspaces; the store at `state`
-    (which must not exist yet) keeps everything the daemon would. Returns the committed rounds and
-    the client id of each workspace, in order. `on_round(round_id)` is called after each commit."""
+    (which must not exist yet) keeps everything the daemon would. `on_round(round_id)` is called
+    after each commit."""
     if state.exists():
         raise FileExistsError(f"{state} exists; an in-process run starts from a fresh state")
     config = rules.aggregator_config(method, settings, len(workspaces), state)
@@ -112,7 +123,10 @@ def run_federated(
             driver.join()
         if driver.error is not None:
             raise driver.error
-        return store.rounds(), client_ids
+        served = served_accuracies(
+            coordinator, workspaces, client_ids, rules.task_encoding, state.parent / "served"
+        )
+        return FederatedRun(store.rounds(), client_ids, served)
     finally:
         store.close()
 

@@ -3,11 +3,13 @@
 Accuracies are the clients' own `metrics["accuracy"]` (the model each client ends the round with,
 on its held-out set) and `metrics["received_accuracy"]` (what the client starts the round from:
 the server's model, with the client's local parts for personalised methods, before local
-training), as stored by the aggregator for federated runs. `accuracy` weighs every client equally
-(each has a held-out set of its own), `accuracy_weighted` by local examples as the aggregator logs
-its "mean local accuracy". Bytes are per participating client, as counted on the wire. `epsilon`
-is the largest local epsilon a participant reported; `server_epsilon` the central-DP epsilon a
-server half reports in its round metrics as `global_epsilon` (e.g. DP-FPL's global DP).
+training), as stored by the aggregator for federated runs. `served_accuracy`, on the last round's
+row only, is what each client is left with after the run (`fedprompt.harness.served_model`).
+`accuracy` weighs every client equally (each has a held-out set of its own), `accuracy_weighted`
+by local examples as the aggregator logs its "mean local accuracy". Bytes are per participating
+client, as counted on the wire. `epsilon` is the largest local epsilon a participant reported;
+`server_epsilon` the central-DP epsilon a server half reports in its round metrics as
+`global_epsilon` (e.g. DP-FPL's global DP).
 
 Clustering hook: a method whose clients report `metrics["cluster"]` (any number naming the cluster
 the client joined) gets the adjusted Rand index of those clusters against the clients' true
@@ -34,6 +36,7 @@ COLUMNS = (
     "round",
     "participants",
     "accuracy",
+    "served_accuracy",
     "accuracy_std_clients",
     "accuracy_weighted",
     "received_accuracy",
