@@ -1,9 +1,11 @@
-"""`fedprompt aggregator ...`: run the daemon, read its progress, manage enrolment tokens."""
+"""`fedprompt aggregator ...`: run the daemon, read its progress, manage enrolment tokens and TLS
+certificates."""
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 from pathlib import Path
 
@@ -41,7 +43,7 @@ def state_path(config_path: Path | None, state: Path | None) -> Path:
 
 @click.group()
 def aggregator() -> None:
-    """The aggregator daemon: `serve`, `status`, and enrolment `token`s."""
+    """The aggregator daemon: `serve`, `status`, enrolment `token`s and TLS `certs`."""
 
 
 @aggregator.command()
@@ -71,7 +73,9 @@ def serve(
     until SIGTERM/SIGINT. Restarting with the same config resumes from the last committed round."""
     from aggregator.server import serve as run_daemon
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s aggregator %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s aggregator %(message)s", datefmt="%H:%M:%S", force=True
+    )
     try:
         config = load_config(config_path).with_overrides(
             {"host": host, "port": port, "state": None if state is None else str(state)},
@@ -169,3 +173,45 @@ def token_list(config_path: Path | None, state: Path | None) -> None:
         click.echo(
             f"{info.token_id}  {state_text:<7}  {created}  client={info.client_id or '-'}  {info.label}"
         )
+
+
+@aggregator.command()
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder for ca.pem/ca.key, server.pem/server.key and client-NAME.pem/.key (an existing "
+    "CA there is reused; no existing file is overwritten).",
+)
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    help="DNS name or IP address clients dial, repeatable (default: localhost, 127.0.0.1 and this "
+    "machine's hostname).",
+)
+@click.option(
+    "--client", "clients", multiple=True, help="Also make a client certificate (mutual TLS), repeatable."
+)
+@click.option("--days", type=int, default=825, show_default=True, help="Validity of the certificates.")
+@click.option("--no-server", is_flag=True, help="Only client certificates (from the existing CA).")
+def certs(out: Path, hosts: tuple[str, ...], clients: tuple[str, ...], days: int, no_server: bool) -> None:
+    """Create a private CA and the aggregator's TLS certificate (and client certificates for mutual
+    TLS), for deployments without a PKI. Keys are written with mode 0600; keep ca.key offline."""
+    from aggregator.certs import CertificateError, issue_certificates
+
+    names = list(hosts) or ["localhost", "127.0.0.1", socket.gethostname()]
+    try:
+        issued = issue_certificates(out, names, list(clients), days, server=not no_server)
+    except CertificateError as error:
+        raise click.ClickException(str(error)) from None
+    for path in issued.created:
+        click.echo(f"wrote {path}")
+    if not no_server:
+        click.echo(f"\nserver certificate valid for: {', '.join(names)}\n[server] config:")
+        click.echo(f'tls_cert = "{out.resolve() / "server.pem"}"\ntls_key = "{out.resolve() / "server.key"}"')
+        click.echo(f'tls_client_ca = "{issued.ca_cert.resolve()}"   # only to require client certificates')
+    click.echo(f"clients: --ca-cert {issued.ca_cert.resolve()}", nl=not clients)
+    if clients:
+        client_pem = out.resolve() / f"client-{clients[0]}.pem"
+        click.echo(f" --client-cert {client_pem} --client-key {client_pem.with_suffix('.key')}")

@@ -1,8 +1,9 @@
 """The aggregator's configuration: a TOML file with documented defaults, overridable by flags.
 
-Sections: [server] (network, limits, state file), [rounds] (how rounds are scheduled),
-[method] (which method), [training] (parsed by `fedprompt.common.settings.TrainingSettings`, the
-one settings class both halves read, and sent to clients as JSON in every task). Unknown keys
+Sections: [server] (network, TLS, limits, state file), [rounds] (how rounds are scheduled),
+[method] (which method), [aggregation] (how the server combines updates, robust rules),
+[training] (parsed by `fedprompt.common.settings.TrainingSettings`, the one settings class both
+halves read, and sent to clients as JSON in every task). Unknown keys
 and bad values are errors with one line, because a typo must not silently run with a default.
 """
 
@@ -15,8 +16,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from aggregator.strategies.combine import RULES
 from fedprompt.common.codec import ENCODINGS
 from fedprompt.common.methods import METHOD_NAMES
+from fedprompt.common.network import is_loopback
 from fedprompt.common.settings import SettingsError, TrainingSettings
 
 
@@ -26,11 +29,19 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Network, limits and state. `state` is relative to the config file's folder."""
+    """Network, TLS, limits and state. Paths are relative to the config file's folder.
 
-    host: str = "127.0.0.1"  # "0.0.0.0" accepts devices from the network
+    Outside loopback the daemon only listens with TLS (`tls_cert` + `tls_key`), unless
+    `allow_insecure` says plaintext is wanted (e.g. behind a TLS-terminating proxy). With
+    `tls_client_ca` it also requires client certificates signed by that CA (mutual TLS)."""
+
+    host: str = "127.0.0.1"  # "0.0.0.0" accepts devices from the network (needs TLS)
     port: int = 50051
     state: str = "fedprompt-aggregator.sqlite"
+    tls_cert: str = ""  # PEM server certificate chain (`fedprompt aggregator certs` makes one)
+    tls_key: str = ""  # PEM private key of tls_cert
+    tls_client_ca: str = ""  # PEM CA: require client certificates it signed (mutual TLS)
+    allow_insecure: bool = False  # listen without TLS on a non-loopback address
     max_message_mb: float = 4.0  # largest single gRPC message, enforced by both sides
     max_payload_mb: float = 64.0  # largest task/update/model payload after chunking
     chunk_kb: int = 1024  # payload chunk size on the wire
@@ -48,6 +59,16 @@ class ServerConfig:
             "server.chunk_kb must leave room under server.max_message_mb",
         )
         _require(self.workers >= 2, "server.workers must be at least 2")
+        _require(bool(self.tls_cert) == bool(self.tls_key), "server.tls_cert and server.tls_key go together")
+        _require(
+            not self.tls_client_ca or bool(self.tls_cert),
+            "server.tls_client_ca (mutual TLS) needs server.tls_cert and server.tls_key",
+        )
+        _require(
+            bool(self.tls_cert) or self.allow_insecure or is_loopback(self.host),
+            f"server.host {self.host} is not loopback: set server.tls_cert and server.tls_key "
+            "(`fedprompt aggregator certs` makes them) or, knowingly, server.allow_insecure = true",
+        )
         for name in ("task_encoding", "update_encoding"):
             value = getattr(self, name)
             _require(
@@ -106,21 +127,50 @@ class MethodConfig:
 
 
 @dataclass(frozen=True)
+class AggregationConfig:
+    """How the server half combines the round's updates (for methods that average tensors).
+
+    rule: "mean" (weighted by example counts), "median" (coordinate-wise) or "trimmed_mean"
+    (coordinate-wise, floor(trim_fraction * n) values cut at each end); the robust rules ignore
+    example counts, which a client could inflate. norm_bound > 0 first clips each update's L2
+    distance to the global model. max_update_norm > 0 refuses, on arrival, any update farther
+    than that from the global model (under client-level DP an honest update's distance is about
+    clip * (1 + noise_multiplier * sqrt(number of values)), so set it well above that)."""
+
+    rule: str = "mean"
+    trim_fraction: float = 0.1
+    norm_bound: float = 0.0
+    max_update_norm: float = 0.0
+
+    def check(self) -> None:
+        _require(self.rule in RULES, f"aggregation.rule must be one of {', '.join(RULES)}")
+        _require(0 <= self.trim_fraction < 0.5, "aggregation.trim_fraction must be in [0, 0.5)")
+        _require(self.norm_bound >= 0, "aggregation.norm_bound must be >= 0 (0 = off)")
+        _require(self.max_update_norm >= 0, "aggregation.max_update_norm must be >= 0 (0 = off)")
+
+
+@dataclass(frozen=True)
 class AggregatorConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     rounds: RoundConfig = field(default_factory=RoundConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     base_dir: Path = field(default_factory=Path.cwd)
 
     @property
     def state_path(self) -> Path:
-        return (self.base_dir / self.server.state).resolve()
+        return self.path(self.server.state)
+
+    def path(self, value: str) -> Path:
+        """A path from the config, relative to the config file's folder."""
+        return (self.base_dir / value).resolve()
 
     def check(self) -> AggregatorConfig:
         self.server.check()
         self.rounds.check()
         self.method.check()
+        self.aggregation.check()
         return self
 
     def with_overrides(self, server: dict[str, Any], rounds: dict[str, Any]) -> AggregatorConfig:
@@ -153,7 +203,7 @@ def _section(cls: type, values: Any, section: str) -> Any:
     for name, value in values.items():
         default = known[name].default
         accepted = (int, float) if isinstance(default, float) else (type(default),)
-        if isinstance(value, bool) or not isinstance(value, accepted):
+        if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, accepted):
             raise ConfigError(f"{section}.{name} must be of type {type(default).__name__}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{section}.{name} must be finite")
@@ -172,7 +222,7 @@ def load_config(path: str | Path | None) -> AggregatorConfig:
         raise ConfigError(f"cannot read config {path}: {error.strerror}") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
-    sections = {"server", "rounds", "method", "training"}
+    sections = {"server", "rounds", "method", "aggregation", "training"}
     unknown = sorted(set(data) - sections)
     if unknown:
         raise ConfigError(
@@ -186,6 +236,7 @@ def load_config(path: str | Path | None) -> AggregatorConfig:
         server=_section(ServerConfig, data.get("server", {}), "server"),
         rounds=_section(RoundConfig, data.get("rounds", {}), "rounds"),
         method=_section(MethodConfig, data.get("method", {}), "method"),
+        aggregation=_section(AggregationConfig, data.get("aggregation", {}), "aggregation"),
         training=training,
         base_dir=path.resolve().parent,
     ).check()

@@ -1,9 +1,10 @@
 """Round scheduling: who is live, who is sampled, which updates are accepted, when a round closes.
 
 The gRPC handlers call `RoundCoordinator` from many threads; one driver thread (`run`) plays the
-rounds. All shared state sits behind one condition variable. A round is aggregated and committed
-to the store in one transaction before the next one opens, so what a restarted daemon resumes
-from is always a whole round.
+rounds. All shared state sits behind one condition variable. The open round (its sample, deadline
+and every accepted update) is in the store before a client hears "accepted", and a round is
+aggregated and committed in one transaction before the next one opens: a restarted daemon resumes
+the open round where it was, and no update is lost or applied twice.
 """
 
 from __future__ import annotations
@@ -20,12 +21,22 @@ import grpc
 import numpy as np
 
 from aggregator.config import AggregatorConfig
-from aggregator.store import AuthError, ClientRoundRecord, RoundRecord, Store
+from aggregator.store import (
+    AuthError,
+    ClientRoundRecord,
+    OpenRoundState,
+    PendingUpdate,
+    RoundRecord,
+    Store,
+)
 from aggregator.strategies.base import ClientUpdate
+from aggregator.strategies.combine import UpdateCombiner, distance
 from aggregator.strategies.registry import SERVER_STRATEGIES
 from fedprompt.common.codec import CodecError, decode_tensor_set, encode_tensor_set
 
 log = logging.getLogger("fedprompt.aggregator")
+MAX_EXAMPLES = 2**31 - 1
+"""Largest example count an update may claim (it is stored as an SQLite integer and used as a weight)."""
 
 
 class Refused(Exception):
@@ -47,12 +58,17 @@ class Task:
     deadline_unix: float = 0.0
     payload: bytes = b""
 
+    @property
+    def deadline_in_s(self) -> float:
+        return max(0.0, self.deadline_unix - time.time()) if self.deadline_unix else 0.0
+
 
 @dataclass
 class Accepted:
     update: ClientUpdate
     privacy: dict[str, float]
     bytes_up: int
+    bytes_down: int
 
 
 @dataclass
@@ -60,11 +76,17 @@ class OpenRound:
     round_id: int
     sampled: set[str]
     deadline_unix: float
-    started: float = field(default_factory=time.monotonic)
+    started_at: float = field(default_factory=time.time)
     extensions: int = 0
     payloads: dict[str, bytes] = field(default_factory=dict)
     accepted: dict[str, Accepted] = field(default_factory=dict)
     spec: dict[str, tuple[int, ...]] | None = None
+    silent: set[str] = field(default_factory=set)  # sampled clients no longer waited for
+
+    def persisted(self) -> OpenRoundState:
+        return OpenRoundState(
+            self.round_id, sorted(self.sampled), self.deadline_unix, self.extensions, self.started_at
+        )
 
 
 def _finite_map(values: dict[str, float], what: str) -> dict[str, float]:
@@ -93,7 +115,9 @@ class RoundCoordinator:
         self.rules = config.rounds
         settings = config.training.to_dict()
         self.settings_json = json.dumps(settings, sort_keys=True)
-        self.strategy = SERVER_STRATEGIES[config.method.name](settings)
+        aggregation = config.aggregation
+        combiner = UpdateCombiner(aggregation.rule, aggregation.trim_fraction, aggregation.norm_bound)
+        self.strategy = SERVER_STRATEGIES[config.method.name](settings, combiner=combiner)
         initial = RoundRecord(0, self.strategy.initial_state(), self.strategy.state_dict())
         self.run_id = store.open_run(config.method.name, self.settings_json, initial).run_id
         latest = store.latest_round()
@@ -103,9 +127,9 @@ class RoundCoordinator:
         self._closed_through = self.committed  # the last round that takes no more updates
         self._cond = threading.Condition()
         self._last_seen: dict[str, float] = {}
-        self._round: OpenRound | None = None
         self._stopping = False
-        self._random = random.Random(self.rules.seed)
+        self._round: OpenRound | None = None
+        self._resumed = self._restore_open_round()
 
     # ---- called by the gRPC handlers -------------------------------------------------------
 
@@ -129,11 +153,14 @@ class RoundCoordinator:
         self._touch(client_id)
         return client_id
 
-    def heartbeat(self, client_id: str, round_id: int) -> bool:
-        """Whether the round this client works on is still open for its update."""
+    def heartbeat(self, client_id: str, round_id: int) -> tuple[bool, float]:
+        """Whether the round this client works on is still open for its update, and the seconds
+        left until its deadline (0 when closed)."""
         with self._cond:
             current = self._round
-            return current is not None and current.round_id == round_id and client_id in current.sampled
+            if current is None or current.round_id != round_id or client_id not in current.sampled:
+                return False, 0.0
+            return True, max(0.0, current.deadline_unix - time.time())
 
     def next_task(self, client_id: str) -> Task:
         with self._cond:
@@ -156,14 +183,20 @@ class RoundCoordinator:
         metrics: dict[str, float],
         privacy: dict[str, float],
         payload: bytes,
+        method: str = "",
     ) -> None:
-        """Accept one update or raise Refused saying why not."""
+        """Accept one update, durably, or raise Refused saying why not."""
         if run_id != self.run_id:
             raise Refused(
                 grpc.StatusCode.FAILED_PRECONDITION, f"update for run {run_id!r}, this is {self.run_id}"
             )
-        if num_examples < 1:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "an update needs num_examples >= 1")
+        if method and method != self.config.method.name:
+            raise Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"update for method {method[:64]!r}, this run uses {self.config.method.name!r}",
+            )
+        if not 1 <= num_examples <= MAX_EXAMPLES:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"num_examples must be in 1..{MAX_EXAMPLES}")
         metrics, privacy = _finite_map(metrics, "metrics"), _finite_map(privacy, "privacy values")
         try:
             tensors = decode_tensor_set(payload)
@@ -184,9 +217,12 @@ class RoundCoordinator:
                 raise Refused(
                     grpc.StatusCode.INVALID_ARGUMENT, f"update tensors {shapes} do not match {spec}"
                 )
+            self._check_norm(tensors)
+            bytes_down = len(current.payloads.get(client_id, b""))
+            pending = PendingUpdate(client_id, num_examples, metrics, privacy, payload, bytes_down)
+            self.store.add_pending_update(round_id, pending)  # before the client hears "accepted"
             current.spec = shapes
-            update = ClientUpdate(client_id, tensors, num_examples, metrics)
-            current.accepted[client_id] = Accepted(update, privacy, len(payload))
+            current.accepted[client_id] = self._accepted(pending, tensors)
             self._cond.notify_all()
         log.info("round %d: update from %s (%d examples)", round_id, client_id, num_examples)
 
@@ -206,9 +242,12 @@ class RoundCoordinator:
         if self.committed:
             log.info("resuming run %s after committed round %d", self.run_id, self.committed)
         while not self.finished:
-            if not self._wait_for_clients():
-                return
-            record = self._play_round(self.committed + 1)
+            current, self._resumed = self._resumed, None
+            if current is None:
+                if not self._wait_for_clients():
+                    return
+                current = self._open_round(self.committed + 1)
+            record = self._play_round(current)
             if record is None:
                 return
             self.store.commit_round(record)
@@ -221,6 +260,49 @@ class RoundCoordinator:
             self.run_id,
             self.committed,
         )
+
+    def _accepted(self, pending: PendingUpdate, tensors: dict[str, np.ndarray]) -> Accepted:
+        update = ClientUpdate(pending.client_id, tensors, pending.num_examples, pending.metrics)
+        return Accepted(update, pending.privacy, len(pending.payload), pending.bytes_down)
+
+    def _check_norm(self, tensors: dict[str, np.ndarray]) -> None:
+        bound = self.config.aggregation.max_update_norm
+        if not bound:
+            return
+        far = distance(tensors, self.strategy.update_reference(self.global_state))
+        if far > bound:
+            raise Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"update is {far:.4g} away from the global model, above max_update_norm {bound:g}",
+            )
+
+    def _restore_open_round(self) -> OpenRound | None:
+        """The round a crashed daemon left open, with the updates it had accepted. Its sampled
+        clients count as live from now, and the deadline leaves them client_timeout_s to return."""
+        state = self.store.open_round()
+        if state is None:
+            return None
+        now = time.time()
+        current = OpenRound(
+            state.round_id,
+            set(state.sampled),
+            max(state.deadline_unix, now + self.rules.client_timeout_s),
+            state.started_at,
+            state.extensions,
+        )
+        for pending in state.updates:
+            tensors = decode_tensor_set(pending.payload)
+            current.accepted[pending.client_id] = self._accepted(pending, tensors)
+            current.spec = {name: tensor.shape for name, tensor in tensors.items()}
+        self.store.save_open_round(current.persisted())
+        self._last_seen.update((client, time.monotonic()) for client in current.sampled)
+        log.info(
+            "resuming open round %d with %d accepted update(s), deadline in %.0f s",
+            current.round_id,
+            len(current.accepted),
+            current.deadline_unix - now,
+        )
+        return current
 
     def _touch(self, client_id: str) -> None:
         with self._cond:
@@ -239,48 +321,81 @@ class RoundCoordinator:
                 self._cond.wait(timeout=1.0)
             return not self._stopping
 
-    def _sample(self, candidates: set[str], count: int) -> set[str]:
-        return set(self._random.sample(sorted(candidates), min(count, len(candidates))))
+    def _sample(self, candidates: set[str], count: int, round_id: int, draw: int) -> set[str]:
+        """A seeded sample; the seed depends on the round and the draw, not on the daemon's past,
+        so a restarted daemon samples as the original would have."""
+        chooser = random.Random(f"{self.rules.seed}:{round_id}:{draw}")
+        return set(chooser.sample(sorted(candidates), min(count, len(candidates))))
 
-    def _play_round(self, round_id: int) -> RoundRecord | None:
-        """Opens the round, waits for it to be decided, closes it and aggregates it."""
+    def _open_round(self, round_id: int) -> OpenRound:
         with self._cond:
             live = self._live()
             target = max(self.rules.min_fit, math.ceil(self.rules.fraction * len(live)))
             current = OpenRound(
-                round_id, self._sample(live, target), time.time() + self.rules.round_timeout_s
+                round_id, self._sample(live, target, round_id, 0), time.time() + self.rules.round_timeout_s
             )
+        self.store.save_open_round(current.persisted())
+        log.info("round %d/%d: sampled %s", round_id, self.rules.rounds, ", ".join(sorted(current.sampled)))
+        return current
+
+    def _play_round(self, current: OpenRound) -> RoundRecord | None:
+        """Publishes the round, waits for it to be decided, closes it and aggregates it."""
+        with self._cond:
             self._round = current
-            log.info(
-                "round %d/%d: sampled %s", round_id, self.rules.rounds, ", ".join(sorted(current.sampled))
-            )
             self._cond.notify_all()
             while not self._stopping:
                 live = self._live()
                 outstanding = current.sampled - set(current.accepted)
+                self._note_silent(current, outstanding - live)
                 waiting_on = outstanding & live
                 expired = time.time() >= current.deadline_unix
                 if (not waiting_on or expired) and len(current.accepted) >= self.rules.min_updates:
-                    break
+                    if not self._drop_revoked(current):
+                        break
+                    continue
                 if expired or not waiting_on:
                     self._extend(current, live, expired)
                 self._cond.wait(timeout=max(0.05, min(1.0, current.deadline_unix - time.time())))
             self._round = None
-            self._closed_through = round_id
+            self._closed_through = current.round_id
             if self._stopping:
                 return None
             accepted = list(current.accepted.values())
         return self._aggregate(current, accepted)
 
+    def _note_silent(self, current: OpenRound, silent: set[str]) -> None:
+        for client in sorted(silent - current.silent):
+            log.info(
+                "round %d: %s silent for over %.0f s; not waiting for it",
+                current.round_id,
+                client,
+                self.rules.client_timeout_s,
+            )
+        current.silent |= silent
+
+    def _drop_revoked(self, current: OpenRound) -> bool:
+        """Removes the updates (and the places) of clients revoked since they were accepted, so that
+        revoking a compromised device also keeps its uncommitted update out; True if any was."""
+        revoked = self.store.revoked_clients(sorted(current.sampled))
+        for client in sorted(revoked & set(current.accepted)):
+            log.warning(
+                "round %d: dropping the update of %s, whose token was revoked", current.round_id, client
+            )
+            del current.accepted[client]
+        current.sampled -= revoked
+        return bool(revoked)
+
     def _extend(self, current: OpenRound, live: set[str], expired: bool) -> None:
         """Too few updates and nobody left to wait for (or the deadline passed): sample more live
         clients and move the deadline, keeping the updates received."""
-        fresh = self._sample(live - current.sampled, self.rules.min_updates - len(current.accepted))
+        wanted = self.rules.min_updates - len(current.accepted)
+        fresh = self._sample(live - current.sampled, wanted, current.round_id, current.extensions + 1)
         if not fresh and not expired:
             return
         current.sampled |= fresh
         current.deadline_unix = time.time() + self.rules.round_timeout_s
         current.extensions += 1
+        self.store.save_open_round(current.persisted())
         log.info(
             "round %d: %d of %d required updates; extended (added %s), new deadline in %.0f s",
             current.round_id,
@@ -291,6 +406,7 @@ class RoundCoordinator:
         )
 
     def _aggregate(self, current: OpenRound, accepted: list[Accepted]) -> RoundRecord:
+        log.info("round %d: aggregating %d updates", current.round_id, len(accepted))
         updates = [item.update for item in accepted]
         tensors, strategy_metrics = self.strategy.aggregate(self.global_state, updates)
         clients = [
@@ -300,7 +416,7 @@ class RoundCoordinator:
                 item.update.metrics,
                 item.privacy,
                 item.bytes_up,
-                len(current.payloads.get(item.update.client_id, b"")),
+                item.bytes_down,
             )
             for item in accepted
         ]
@@ -316,7 +432,8 @@ class RoundCoordinator:
             "delta": max(deltas) if deltas else None,
             "strategy": strategy_metrics,
             "extensions": current.extensions,
-            "duration_s": time.monotonic() - current.started,
+            "sampled": len(current.sampled),
+            "duration_s": time.time() - current.started_at,
         }
         return RoundRecord(current.round_id, tensors, self.strategy.state_dict(), metrics, clients)
 

@@ -15,16 +15,18 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from aggregator.config import AggregatorConfig
 from aggregator.rounds import Refused, RoundCoordinator, Task
 from aggregator.store import SQLiteStore
+from aggregator.tls import security_label, server_credentials
 from fedprompt.common.codec import ENCODINGS, CodecError, iter_chunks, join_chunks
+from fedprompt.common.network import is_loopback
 from protos import fedprompt_pb2 as pb
 from protos import fedprompt_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fedprompt.aggregator")
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 _TASK_STATUS = {"train": pb.TRAIN, "wait": pb.WAIT, "finished": pb.FINISHED}
 
 
@@ -36,17 +38,75 @@ def grpc_message_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+class Malformed:
+    """Stands for a request message whose bytes did not parse."""
+
+
+MALFORMED = Malformed()
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def _tolerant(message_class: type[Message]) -> Callable[[bytes], Message | Malformed]:
+    """A deserializer that returns MALFORMED instead of raising: grpc would answer a raising one
+    with INTERNAL and a traceback in the log; the handler answers INVALID_ARGUMENT in one line."""
+
+    def parse(data: bytes) -> Message | Malformed:
+        try:
+            return message_class.FromString(data)
+        except DecodeError:
+            return MALFORMED
+
+    return parse
+
+
+def add_service(service: pb_grpc.AggregatorServicer, server: grpc.Server) -> None:
+    """Register every RPC of fedprompt.v1.Aggregator (read from the .proto's descriptor) with
+    tolerant deserializers."""
+    descriptor = pb.DESCRIPTOR.services_by_name["Aggregator"]
+    handlers = {
+        method.name: _HANDLER_KINDS[method.client_streaming, method.server_streaming](
+            getattr(service, method.name),
+            request_deserializer=_tolerant(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+        for method in descriptor.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
+
+
+def _well_formed(request: Any) -> Any:
+    """The request, or for a stream each message, refusing MALFORMED ones."""
+    if request is MALFORMED:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "malformed request message")
+    if isinstance(request, Message):
+        return request
+    return (_well_formed(message) for message in request)
+
+
 def refusals_as_status(handler: Callable) -> Callable:
-    """Turn `Refused` into its gRPC status, and any unexpected error into INTERNAL plus a log line,
-    so that one bad request never crashes the daemon."""
+    """Turn `Refused` (and malformed request bytes) into its gRPC status plus a log line, and any
+    unexpected error into INTERNAL plus a log line, so that one bad request never crashes the
+    daemon."""
 
     @functools.wraps(handler)
     def wrapped(self: AggregatorService, request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            return handler(self, request, context)
+            return handler(self, _well_formed(request), context)
         except Refused as refusal:
             log.warning("%s refused for %s: %s", handler.__name__, context.peer(), refusal.message)
             context.abort(refusal.code, refusal.message)
+        except grpc.RpcError:  # grpc already ended the call: the client left, or a message was too large
+            log.warning(
+                "%s for %s cut off: the client went away or sent a message over server.max_message_mb",
+                handler.__name__,
+                context.peer(),
+            )
+            context.abort(grpc.StatusCode.CANCELLED, "request stream ended early")
         except Exception:
             log.exception("%s failed for %s", handler.__name__, context.peer())
             context.abort(grpc.StatusCode.INTERNAL, "internal error in the aggregator; see its log")
@@ -76,14 +136,17 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             max_message_bytes=self.server_config.max_message_bytes,
             max_payload_bytes=self.server_config.max_payload_bytes,
             chunk_bytes=self.server_config.chunk_kb * 1024,
+            client_timeout_s=self.rules.client_timeout_s,
         )
 
     @refusals_as_status
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
         client_id = self.coordinator.authenticate(request.session)
+        round_open, deadline_in_s = self.coordinator.heartbeat(client_id, request.round_id)
         return pb.HeartbeatReply(
             heartbeat_interval_s=self.rules.heartbeat_interval_s,
-            round_open=self.coordinator.heartbeat(client_id, request.round_id),
+            round_open=round_open,
+            deadline_in_s=deadline_in_s,
         )
 
     @refusals_as_status
@@ -97,11 +160,13 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             round_id=task.round_id,
             total_rounds=self.rules.rounds,
             heartbeat_interval_s=self.rules.heartbeat_interval_s,
+            client_timeout_s=self.rules.client_timeout_s,
         )
         if task.status == "train":
             header.method = self.coordinator.config.method.name
             header.settings_json = self.coordinator.settings_json
             header.deadline_unix = task.deadline_unix
+            header.deadline_in_s = task.deadline_in_s
             header.payload_bytes = len(task.payload)
             header.update_encoding = ENCODINGS[self.server_config.update_encoding]
         return iter(
@@ -133,6 +198,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             dict(header.metrics),
             dict(header.privacy),
             payload,
+            header.method,
         )
         return pb.PushUpdateReply(accepted=True, message=f"update for round {header.round_id} accepted")
 
@@ -161,16 +227,21 @@ class AggregatorService(pb_grpc.AggregatorServicer):
 
 
 def start_server(coordinator: RoundCoordinator) -> tuple[grpc.Server, int]:
-    """Binds and starts the gRPC server; returns it with the bound port (useful with port 0)."""
+    """Binds and starts the gRPC server (TLS when configured); returns it with the bound port
+    (useful with port 0)."""
     config = coordinator.config.server
+    credentials = server_credentials(coordinator.config)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="grpc"),
         options=grpc_message_options(config.max_message_bytes),
     )
-    pb_grpc.add_AggregatorServicer_to_server(AggregatorService(coordinator), server)
+    add_service(AggregatorService(coordinator), server)
     address = f"{config.host}:{config.port}"
     try:
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError:
         port = 0
     if port == 0:
@@ -190,14 +261,17 @@ def serve(config: AggregatorConfig, ready: Callable[[int], None] | None = None) 
     try:
         coordinator = RoundCoordinator(store, config)
         server, port = start_server(coordinator)
-        if config.server.host not in LOOPBACK_HOSTS:
+        security = security_label(config)
+        if security == "plaintext" and not is_loopback(config.server.host):
             log.warning(
-                "serving WITHOUT TLS on %s: put it behind a TLS-terminating proxy", config.server.host
+                "serving WITHOUT TLS on %s (allow_insecure): put it behind a TLS-terminating proxy",
+                config.server.host,
             )
         log.info(
-            "listening on %s:%d | run %s | method %s | %d rounds | state %s",
+            "listening on %s:%d (%s) | run %s | method %s | %d rounds | state %s",
             config.server.host,
             port,
+            security,
             coordinator.run_id,
             config.method.name,
             config.rounds.rounds,

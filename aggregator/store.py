@@ -1,10 +1,15 @@
 """The aggregator's persistent state behind one small interface, with SQLite as the embedded default.
 
 Everything the daemon needs to resume after `kill -9` lives here: the run, every committed round
-(global tensors, strategy state, metrics, per-client records), enrolment tokens and enrolled
-clients. A round is written in ONE transaction, so a crash leaves either the whole round or none
-of it; the daemon restarts from the last committed round and no update is applied twice.
-Secrets (tokens, sessions) are stored only as SHA-256 hashes.
+(global tensors, strategy state, metrics, per-client records), the open round (who was sampled,
+its deadline, every update accepted so far), enrolment tokens and enrolled clients. A round is
+written in ONE transaction that also clears the open round, so a crash leaves either the whole
+round or none of it; the daemon resumes the open round with the updates it had accepted, and no
+update is applied twice. Secrets (tokens, sessions) are stored only as SHA-256 hashes.
+
+Durability: committed rounds, tokens and enrolments are fsynced (synchronous=FULL). An accepted
+update is written with synchronous=NORMAL: it survives a crash of the daemon (kill -9) but not a
+power cut before the next fsync, in which case its client is simply asked for it again.
 """
 
 from __future__ import annotations
@@ -66,6 +71,30 @@ class RoundRecord:
 
 
 @dataclass(frozen=True)
+class PendingUpdate:
+    """An update accepted into the open round, kept as received until the round commits."""
+
+    client_id: str
+    num_examples: int
+    metrics: dict[str, float]
+    privacy: dict[str, float]
+    payload: bytes
+    bytes_down: int = 0
+
+
+@dataclass
+class OpenRoundState:
+    """The round in progress: enough to resume it after a crash."""
+
+    round_id: int
+    sampled: list[str]
+    deadline_unix: float
+    extensions: int
+    started_at: float
+    updates: list[PendingUpdate] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class TokenInfo:
     token_id: str
     label: str
@@ -92,7 +121,20 @@ class Store(ABC):
 
     @abstractmethod
     def commit_round(self, record: RoundRecord) -> None:
-        """Atomically store the next round; its id must be the latest + 1."""
+        """Atomically store the next round (its id must be the latest + 1) and clear the open round."""
+
+    @abstractmethod
+    def save_open_round(self, state: OpenRoundState) -> None:
+        """Record (or update, after an extension) the round in progress; its updates are not
+        touched here, see `add_pending_update`."""
+
+    @abstractmethod
+    def add_pending_update(self, round_id: int, update: PendingUpdate) -> None:
+        """Keep an accepted update of the open round; durable against a crash of the daemon."""
+
+    @abstractmethod
+    def open_round(self) -> OpenRoundState | None:
+        """The round in progress after the last committed one, with its accepted updates."""
 
     @abstractmethod
     def rounds(self) -> list[RoundRecord]:
@@ -123,6 +165,10 @@ class Store(ABC):
         """The client holding this session, or None (unknown, replaced or revoked)."""
 
     @abstractmethod
+    def revoked_clients(self, client_ids: list[str]) -> set[str]:
+        """Those of `client_ids` whose token has been revoked."""
+
+    @abstractmethod
     def close(self) -> None:
         """Release the underlying resources."""
 
@@ -148,6 +194,15 @@ CREATE TABLE IF NOT EXISTS tokens (
 CREATE TABLE IF NOT EXISTS clients (
     client_id TEXT PRIMARY KEY, token_id TEXT NOT NULL UNIQUE REFERENCES tokens(token_id),
     name TEXT NOT NULL, session_hash TEXT, enrolled_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS clients_by_session ON clients(session_hash);
+CREATE TABLE IF NOT EXISTS open_round (
+    singleton INTEGER PRIMARY KEY CHECK (singleton = 1), round_id INTEGER NOT NULL,
+    sampled TEXT NOT NULL, deadline_unix REAL NOT NULL, extensions INTEGER NOT NULL,
+    started_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS pending_updates (
+    round_id INTEGER NOT NULL, client_id TEXT NOT NULL, num_examples INTEGER NOT NULL,
+    metrics TEXT NOT NULL, privacy TEXT NOT NULL, bytes_down INTEGER NOT NULL, payload BLOB NOT NULL,
+    PRIMARY KEY (round_id, client_id));
 """
 
 
@@ -181,16 +236,24 @@ class SQLiteStore(Store):
             except sqlite3.OperationalError as error:
                 raise StoreError(f"{self.path}: {error}") from None
 
-    def _transaction(self, statements: list[tuple[str, tuple]]) -> None:
+    def _transaction(self, statements: list[tuple[str, tuple]], fsync: bool = True) -> None:
+        """All statements or none. `fsync=False` commits without waiting for the disk (still safe
+        against a crash of this process, not against a power cut)."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if not fsync:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                for sql, params in statements:
-                    self._db.execute(sql, params)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for sql, params in statements:
+                        self._db.execute(sql, params)
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if not fsync:
+                    self._db.execute("PRAGMA synchronous=FULL")
 
     def open_run(self, method: str, settings_json: str, initial: RoundRecord) -> RunInfo:
         existing = self.run_info()
@@ -268,7 +331,57 @@ class SQLiteStore(Store):
             )
             for c in record.clients
         ]
+        statements += [
+            ("DELETE FROM pending_updates WHERE round_id <= ?", (record.round_id,)),
+            ("DELETE FROM open_round", ()),
+        ]
         self._transaction(statements)
+
+    def save_open_round(self, state: OpenRoundState) -> None:
+        self._transaction(
+            [
+                (
+                    "INSERT OR REPLACE INTO open_round VALUES (1, ?, ?, ?, ?, ?)",
+                    (
+                        state.round_id,
+                        json.dumps(sorted(state.sampled)),
+                        state.deadline_unix,
+                        state.extensions,
+                        state.started_at,
+                    ),
+                )
+            ]
+        )
+
+    def add_pending_update(self, round_id: int, update: PendingUpdate) -> None:
+        row = (
+            round_id,
+            update.client_id,
+            update.num_examples,
+            json.dumps(update.metrics),
+            json.dumps(update.privacy),
+            update.bytes_down,
+            update.payload,
+        )
+        self._transaction([("INSERT INTO pending_updates VALUES (?, ?, ?, ?, ?, ?, ?)", row)], fsync=False)
+
+    def open_round(self) -> OpenRoundState | None:
+        rows = self._query(
+            "SELECT o.round_id, o.sampled, o.deadline_unix, o.extensions, o.started_at FROM open_round o "
+            "WHERE o.round_id = (SELECT max(round_id) + 1 FROM rounds)"
+        )
+        if not rows:
+            return None
+        round_id, sampled, deadline_unix, extensions, started_at = rows[0]
+        updates = [
+            PendingUpdate(client, count, json.loads(metrics), json.loads(privacy), payload, down)
+            for client, count, metrics, privacy, down, payload in self._query(
+                "SELECT client_id, num_examples, metrics, privacy, bytes_down, payload FROM pending_updates "
+                "WHERE round_id = ? ORDER BY client_id",
+                (round_id,),
+            )
+        ]
+        return OpenRoundState(round_id, json.loads(sampled), deadline_unix, extensions, started_at, updates)
 
     def rounds(self) -> list[RoundRecord]:
         records = {
@@ -348,6 +461,17 @@ class SQLiteStore(Store):
     def client_for_session(self, session: str) -> str | None:
         rows = self._query("SELECT client_id FROM clients WHERE session_hash = ?", (_hash(session),))
         return rows[0][0] if rows else None
+
+    def revoked_clients(self, client_ids: list[str]) -> set[str]:
+        if not client_ids:
+            return set()
+        marks = ", ".join("?" * len(client_ids))
+        rows = self._query(
+            f"SELECT c.client_id FROM clients c JOIN tokens t ON t.token_id = c.token_id "
+            f"WHERE t.revoked_at IS NOT NULL AND c.client_id IN ({marks})",
+            tuple(client_ids),
+        )
+        return {row[0] for row in rows}
 
     def close(self) -> None:
         with self._lock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import platform
 from pathlib import Path
 
@@ -52,6 +53,30 @@ def client() -> None:
     help="Image encoder precision to run (default: the bundle's default precision).",
 )
 @click.option(
+    "--ca-cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="PEM CA that signed the aggregator's certificate (e.g. ca.pem from `fedprompt aggregator "
+    "certs`). Without it, TLS to a non-loopback aggregator trusts the system's roots.",
+)
+@click.option(
+    "--client-cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="PEM client certificate, for an aggregator that requires mutual TLS (with --client-key).",
+)
+@click.option(
+    "--client-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="PEM private key of --client-cert.",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Plaintext even to a non-loopback aggregator (only behind a trusted TLS proxy or VPN).",
+)
+@click.option(
     "--connect-timeout",
     type=click.FloatRange(min=0.1),
     default=300.0,
@@ -67,24 +92,34 @@ def run(
     state_dir: Path,
     name: str,
     precision: str | None,
+    ca_cert: Path | None,
+    client_cert: Path | None,
+    client_key: Path | None,
+    insecure: bool,
     connect_timeout: float,
 ) -> None:
     """Join the aggregator's run: enrol, then train each round it is sampled for and upload the
-    update, until the run is finished. Image features are computed once and cached."""
+    update, until the run is finished. Image features are computed once and cached; a trained
+    update is kept until the aggregator has it. TLS is used for any non-loopback aggregator."""
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # failed handshakes get our one line, not grpc's
     from edge_client.bundle import BundleError
     from edge_client.methods.base import ClientMethod
     from edge_client.methods.registry import CLIENT_METHODS
     from edge_client.runtime import AggregatorLink, ClientError, ClientRuntime
+    from edge_client.tls import TLSSettingsError, channel_security
     from edge_client.workspace import ClientWorkspace, WorkspaceError
     from fedprompt.common.codec import CodecError
+    from fedprompt.common.network import AddressError
     from fedprompt.common.privacy import BudgetExceeded, PrivacyStateError
     from fedprompt.common.settings import SettingsError
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s client %(message)s", datefmt="%H:%M:%S", force=True
     )
-    if ":" not in address:
-        raise click.BadParameter("expected HOST:PORT", param_hint="--aggregator")
+    try:
+        security = channel_security(address, ca_cert, client_cert, client_key, insecure)
+    except (AddressError, TLSSettingsError) as error:
+        raise click.ClickException(str(error)) from None
     user_errors = (
         BundleError,
         ClientError,
@@ -95,7 +130,7 @@ def run(
         WorkspaceError,
         OSError,
     )
-    link = AggregatorLink(address, patience_s=connect_timeout)
+    link = AggregatorLink(address, patience_s=connect_timeout, security=security)
     try:
         workspace = ClientWorkspace.load(bundle, data, eval_data, state_dir=state_dir, precision=precision)
 

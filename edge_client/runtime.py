@@ -2,6 +2,10 @@
 heartbeat while training, upload the update in chunks, and survive an aggregator that is not up
 yet or restarts (exponential backoff with jitter, bounded by `patience_s` of continuous failure).
 
+Local work is never thrown away: the trained update is saved before it is uploaded, an upload cut
+off by a restart is retried until the round's deadline, and a saved update is sent (not trained
+again) when the same round is offered after a crash of either side.
+
 The runtime knows no method: it turns a task into a `RoundTask`, hands it to the `ClientMethod`
 named in the task, and ships back the `RoundResult`.
 """
@@ -10,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import threading
 import time
@@ -21,8 +24,11 @@ from typing import TypeVar
 
 import grpc
 
-from edge_client.methods.base import ClientMethod, RoundResult, RoundTask
+from edge_client.methods.base import ClientMethod, RoundTask
+from edge_client.pending_upload import PendingUpload, PendingUploadFile
+from edge_client.tls import ChannelSecurity, closed_socket_hint, tls_failure
 from fedprompt.common.codec import CodecError, decode_tensor_set, encode_tensor_set, iter_chunks, join_chunks
+from fedprompt.common.files import write_atomically
 from protos import fedprompt_pb2 as pb
 from protos import fedprompt_pb2_grpc as pb_grpc
 
@@ -38,6 +44,7 @@ RETRYABLE = (
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 )
 _ENCODING_NAMES = {pb.FP32: "fp32", pb.FP16: "fp16", pb.INT8: "int8"}
+PLAINTEXT = ChannelSecurity(None, "plaintext")
 
 
 class ClientError(RuntimeError):
@@ -64,17 +71,29 @@ def backoff_delays(base_s: float = 0.5, cap_s: float = 30.0) -> Iterator[float]:
 
 class AggregatorLink:
     """A channel to the aggregator whose calls retry transient failures with backoff, and give up
-    with one clear line after `patience_s` without any successful call."""
+    with one clear line after `patience_s` without any successful call, or at once when the TLS
+    handshake fails (retrying cannot fix a certificate)."""
 
-    def __init__(self, address: str, patience_s: float, rpc_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        patience_s: float,
+        rpc_timeout_s: float = 30.0,
+        security: ChannelSecurity = PLAINTEXT,
+    ) -> None:
         self.address = address
         self.patience_s = patience_s
         self.rpc_timeout_s = rpc_timeout_s
+        self.security = security
         self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
         self._open()
 
     def _open(self) -> None:
-        self.channel = grpc.insecure_channel(self.address, options=channel_options(self.max_message_bytes))
+        options = channel_options(self.max_message_bytes)
+        if self.security.credentials is None:
+            self.channel = grpc.insecure_channel(self.address, options=options)
+        else:
+            self.channel = grpc.secure_channel(self.address, self.security.credentials, options=options)
         self.stub = pb_grpc.AggregatorStub(self.channel)
 
     def adopt_limits(self, max_message_bytes: int) -> None:
@@ -86,7 +105,8 @@ class AggregatorLink:
             self._open()
 
     def call(self, what: str, rpc: Callable[[], T], give_up_at: float | None = None) -> T:
-        """Run `rpc` until it succeeds, retrying transient failures; other errors propagate."""
+        """Run `rpc` until it succeeds, retrying transient failures until `give_up_at` (monotonic;
+        default: `patience_s` from now); other errors propagate."""
         deadline = time.monotonic() + self.patience_s if give_up_at is None else give_up_at
         delays = backoff_delays()
         while True:
@@ -95,14 +115,22 @@ class AggregatorLink:
             except grpc.RpcError as error:
                 if error.code() not in RETRYABLE:
                     raise
+                failure = tls_failure(error.details())
+                if failure:
+                    raise ClientError(f"cannot connect to {self.address}: {failure}") from None
                 delay = next(delays)
                 if time.monotonic() + delay > deadline:
-                    raise ClientError(
-                        f"cannot reach the aggregator at {self.address} ({what}: {error.details()}); "
-                        f"gave up after {self.patience_s:.0f} s"
-                    ) from None
+                    raise ClientError(self._gave_up(what, error.details(), give_up_at is not None)) from None
                 log.info("aggregator unavailable (%s); retrying in %.1f s", what, delay)
                 time.sleep(delay)
+
+    def _gave_up(self, what: str, details: str, at_round_deadline: bool) -> str:
+        if at_round_deadline:
+            return f"no answer from {self.address} before the round's deadline ({what}: {details})"
+        return (
+            f"cannot reach the aggregator at {self.address} ({what}: {details}); "
+            f"gave up after {self.patience_s:.0f} s" + closed_socket_hint(self.security, details)
+        )
 
     def close(self) -> None:
         self.channel.close()
@@ -120,12 +148,18 @@ class Identity:
 
 
 class Heartbeat:
-    """Tells the aggregator every `interval_s` that this client is alive, while it trains."""
+    """Tells the aggregator every `interval_s` that this client is alive, while it trains, and keeps
+    `deadline` (monotonic) up to date when the aggregator extends the round."""
 
-    def __init__(self, link: AggregatorLink, session: str, round_id: int, interval_s: float) -> None:
+    def __init__(
+        self, link: AggregatorLink, session: str, round_id: int, interval_s: float, deadline: float
+    ) -> None:
         self._link, self._session, self._round_id, self._interval = link, session, round_id, interval_s
+        self.deadline = deadline
+        self.round_closed = False
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+        name = f"{threading.current_thread().name}-heartbeat"
+        self._thread = threading.Thread(target=self._beat, name=name, daemon=True)
 
     def _beat(self) -> None:
         while not self._stop.wait(self._interval):
@@ -137,7 +171,10 @@ class Heartbeat:
             except grpc.RpcError as error:
                 log.info("heartbeat failed (%s); training goes on", error.code().name)
                 continue
-            if not reply.round_open:
+            if reply.round_open:
+                self.deadline = time.monotonic() + reply.deadline_in_s
+            elif not self.round_closed:
+                self.round_closed = True
                 log.info(
                     "round %d closed while this client trains; its update may be refused", self._round_id
                 )
@@ -168,6 +205,7 @@ class ClientRuntime:
         self.token = token
         self.name = name
         self._methods: dict[str, ClientMethod] = {}
+        self._pending = PendingUploadFile(state_dir)
         self.identity: Identity | None = None
         self.chunk_bytes = 1 << 20
         self.max_payload_bytes = 64 * 2**20
@@ -206,24 +244,27 @@ class ClientRuntime:
         identity = Identity(
             self.link.address, self.token.split(".")[0], reply.client_id, reply.session, reply.run_id
         )
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self._identity_path.write_text(json.dumps(identity.__dict__))
-        os.chmod(self._identity_path, 0o600)
+        write_atomically(self._identity_path, json.dumps(identity.__dict__).encode())
         log.info("enrolled as %s in run %s", identity.client_id, identity.run_id)
         return identity
 
-    def _authenticated(self, what: str, rpc: Callable[[str], T]) -> T:
+    def _authenticated(self, what: str, rpc: Callable[[str], T], give_up_at: float | None = None) -> T:
         """Call with the session; on an unknown session (e.g. revoked, or state reset) enrol again once."""
         if self.identity is None:
             self.identity = self._load_identity() or self.enroll()
         try:
-            return self.link.call(what, lambda: rpc(self.identity.session))
+            return self.link.call(what, lambda: rpc(self.identity.session), give_up_at)
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.UNAUTHENTICATED:
                 raise
+            if not self.token:
+                raise ClientError(
+                    f"the aggregator no longer accepts this device ({error.details()}); "
+                    "enrol it again with a new token (--token)"
+                ) from None
             log.info("session not accepted (%s); enrolling again", error.details())
             self.identity = self.enroll()
-            return self.link.call(what, lambda: rpc(self.identity.session))
+            return self.link.call(what, lambda: rpc(self.identity.session), give_up_at)
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -232,9 +273,10 @@ class ClientRuntime:
         while True:
             header, payload = self._pull()
             if header.status == pb.FINISHED:
+                self._pending.clear()
                 return self._fetch_final()
             if header.status == pb.TRAIN:
-                self._train_and_upload(header, payload)
+                self._take_part(header, payload)
             else:
                 time.sleep(max(0.05, header.retry_after_s) * random.uniform(0.8, 1.2))
 
@@ -263,7 +305,26 @@ class ClientRuntime:
             self._methods[name] = self.make_method(name)
         return self._methods[name]
 
-    def _train_and_upload(self, header: pb.TaskHeader, payload: bytes) -> None:
+    def _take_part(self, header: pb.TaskHeader, payload: bytes) -> None:
+        """One round: send the update saved for it if there is one, else train, save, send."""
+        deadline = time.monotonic() + (header.deadline_in_s or header.deadline_unix - time.time())
+        saved = self._pending.load()
+        if saved is not None and saved.answers(header.run_id, header.round_id):
+            log.info(
+                "round %d: sending the update trained before a restart (not training again)", saved.round_id
+            )
+            self._upload(saved, deadline)
+            return
+        if saved is not None:
+            log.info("dropping the unsent update of round %d: the aggregator moved on", saved.round_id)
+            self._pending.clear()
+        upload, deadline = self._train(header, payload, deadline)
+        self._pending.save(upload)
+        self._upload(upload, deadline)
+
+    def _train(self, header: pb.TaskHeader, payload: bytes, deadline: float) -> tuple[PendingUpload, float]:
+        """Runs the method's round while heartbeating; returns the encoded update and the round's
+        latest known deadline."""
         try:
             tensors = decode_tensor_set(payload)
         except CodecError as error:
@@ -281,16 +342,16 @@ class ClientRuntime:
             task.round_id,
             header.total_rounds,
             task.method,
-            task.deadline_unix - time.time(),
+            deadline - time.monotonic(),
         )
         started = time.monotonic()
-        with Heartbeat(self.link, self.identity.session, task.round_id, header.heartbeat_interval_s or 10.0):
+        interval = header.heartbeat_interval_s or 10.0
+        with Heartbeat(self.link, self.identity.session, task.round_id, interval, deadline) as heartbeat:
             result = self._method(task.method).run_round(task)
         encoding = _ENCODING_NAMES.get(header.update_encoding, "fp32")
         update = encode_tensor_set(result.tensors, encoding)
-        self._upload(task, result, update)
         log.info(
-            "round %d: %d examples, %s, trained in %.1f s, uploaded %.1f KB (%s)",
+            "round %d: %d examples, %s, trained in %.1f s, %.1f KB to upload (%s)",
             task.round_id,
             result.num_examples,
             ", ".join(f"{k} {v:.4g}" for k, v in {**result.metrics, **result.privacy}.items())
@@ -299,31 +360,44 @@ class ClientRuntime:
             len(update) / 1024,
             encoding,
         )
+        upload_header = pb.UpdateHeader(
+            run_id=task.run_id,
+            round_id=task.round_id,
+            num_examples=result.num_examples,
+            metrics=result.metrics,
+            privacy=result.privacy,
+            payload_bytes=len(update),
+            method=task.method,
+        )
+        return PendingUpload(upload_header, update), heartbeat.deadline
 
-    def _upload(self, task: RoundTask, result: RoundResult, update: bytes) -> None:
-        """Push the update, retrying transient failures until the round's deadline; a refusal
-        (round closed, duplicate) is logged and the client goes back to polling."""
+    def _upload(self, upload: PendingUpload, deadline: float) -> None:
+        """Push the update, retrying transient failures until the round's deadline. Any answer
+        (accepted, already received, refused) ends it; without one the saved update stays for
+        when the round is offered again."""
 
         def push(session: str) -> pb.PushUpdateReply:
-            header = pb.UpdateHeader(
-                session=session,
-                run_id=task.run_id,
-                round_id=task.round_id,
-                num_examples=result.num_examples,
-                metrics=result.metrics,
-                privacy=result.privacy,
-                payload_bytes=len(update),
-            )
+            header = pb.UpdateHeader()
+            header.CopyFrom(upload.header)
+            header.session = session
             chunks = [pb.UpdateChunk(header=header)]
-            chunks += [pb.UpdateChunk(data=c) for c in iter_chunks(update, self.chunk_bytes)]
+            chunks += [pb.UpdateChunk(data=c) for c in iter_chunks(upload.payload, self.chunk_bytes)]
             return self.link.stub.PushUpdate(iter(chunks), timeout=max(self.link.rpc_timeout_s, 60.0))
 
         try:
-            self._authenticated("upload", push)
+            self._authenticated("upload", push, give_up_at=max(deadline, time.monotonic() + 1.0))
+            log.info("round %d: update accepted", upload.round_id)
         except grpc.RpcError as error:
-            log.warning(
-                "round %d: update refused (%s: %s)", task.round_id, error.code().name, error.details()
-            )
+            if error.code() == grpc.StatusCode.ALREADY_EXISTS:
+                log.info("round %d: update accepted (already received before a reconnect)", upload.round_id)
+            else:
+                log.warning(
+                    "round %d: update refused (%s: %s)", upload.round_id, error.code().name, error.details()
+                )
+        except ClientError as error:
+            log.warning("round %d: %s; keeping the update for a later try", upload.round_id, error)
+            return
+        self._pending.clear()
 
     def _fetch_final(self) -> dict[str, object]:
         header, payload = self._authenticated(

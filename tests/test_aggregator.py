@@ -52,20 +52,33 @@ def tokens_and_config(tmp_path: Path) -> tuple[list[str], Path]:
     return issue_tokens(tmp_path / "state.sqlite", 4), config
 
 
+def push_prepared(client: RawClient, index: int, expected_round: int) -> np.ndarray:
+    """The client pulls its task and pushes its prepared update; returns the ctx it sent."""
+    header, tensors = client.wait_for_task()
+    assert header.status == pb.TRAIN and header.round_id == expected_round
+    assert header.method == "promptfl" and json.loads(header.settings_json)["n_ctx"] == 16
+    assert header.deadline_unix > 0 and header.update_encoding == pb.FP32
+    assert 0 < header.deadline_in_s <= FAST_ROUNDS["round_timeout_s"]
+    assert header.client_timeout_s == FAST_ROUNDS["client_timeout_s"]
+    beat = client.heartbeat(expected_round)  # says how long the round still has, extensions included
+    assert beat.round_open and 0 < beat.deadline_in_s <= header.deadline_in_s
+    ctx = client_ctx(index, expected_round, tensors)
+    reply = client.push(expected_round, {"ctx": ctx}, EXAMPLES[index], {"accuracy": 0.5 + index / 10})
+    assert reply.accepted
+    return ctx
+
+
+def fedavg(sent: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+    """The expected global ctx: the mean of what client `index` sent, weighted by EXAMPLES[index]."""
+    total = sum(EXAMPLES[index] for index in sent)
+    return {"ctx": sum(EXAMPLES[index] * ctx.astype(np.float64) for index, ctx in sent.items()) / total}
+
+
 def play_round(clients: list[RawClient], expected_round: int) -> dict[str, np.ndarray]:
     """Every client pulls its task and pushes its prepared update; returns the expected FedAvg."""
-    sent, weights = [], []
-    for index, client in enumerate(clients):
-        header, tensors = client.wait_for_task()
-        assert header.status == pb.TRAIN and header.round_id == expected_round
-        assert header.method == "promptfl" and json.loads(header.settings_json)["n_ctx"] == 16
-        assert header.deadline_unix > 0 and header.update_encoding == pb.FP32
-        ctx = client_ctx(index, expected_round, tensors)
-        reply = client.push(expected_round, {"ctx": ctx}, EXAMPLES[index], {"accuracy": 0.5 + index / 10})
-        assert reply.accepted
-        sent.append(ctx.astype(np.float64))
-        weights.append(EXAMPLES[index])
-    return {"ctx": sum(w * c for w, c in zip(weights, sent, strict=True)) / sum(weights)}
+    return fedavg(
+        {index: push_prepared(client, index, expected_round) for index, client in enumerate(clients)}
+    )
 
 
 def test_rounds_average_by_example_count_and_refuse_bad_updates(tokens_and_config, tmp_path: Path) -> None:
@@ -80,6 +93,7 @@ def test_rounds_average_by_example_count_and_refuse_bad_updates(tokens_and_confi
         expected = play_round(clients, 1)
         # round 1 is closed now: a late or replayed update is refused with a clear status
         server.wait_for_log(r"round 1/3 committed")
+        assert not clients[0].heartbeat(1).round_open
         with pytest.raises(grpc.RpcError) as closed:
             clients[0].push(1, {"ctx": expected["ctx"].astype(np.float32)}, 5)
         assert closed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -156,16 +170,17 @@ def test_rounds_average_by_example_count_and_refuse_bad_updates(tokens_and_confi
     assert [row["num_examples"] for row in json.loads(status.stdout)["rounds"]] == [60, 60, 60]
 
 
-def test_kill_9_mid_round_resumes_from_the_last_committed_round(tokens_and_config, tmp_path: Path) -> None:
+def test_kill_9_mid_round_resumes_the_open_round_with_its_accepted_updates(
+    tokens_and_config, tmp_path: Path
+) -> None:
     tokens, config = tokens_and_config
     server = AggregatorProcess(config)
     try:
         clients = [RawClient(server.address, token) for token in tokens[:3]]
         expected_1 = play_round(clients, 1)
         server.wait_for_log(r"round 1/3 committed")
-        _, tensors = clients[0].wait_for_task()
-        assert clients[0].push(2, {"ctx": client_ctx(0, 2, tensors)}, EXAMPLES[0]).accepted
-        server.proc.kill()  # SIGKILL with one update of round 2 received, none committed
+        early = push_prepared(clients[0], 0, 2)
+        server.proc.kill()  # SIGKILL with one update of round 2 accepted, the round not committed
         server.proc.wait(10)
     finally:
         server.kill()
@@ -174,12 +189,18 @@ def test_kill_9_mid_round_resumes_from_the_last_committed_round(tokens_and_confi
     restarted = AggregatorProcess(config)
     try:
         restarted.wait_for_log(r"resuming run .* after committed round 1")
+        restarted.wait_for_log(r"resuming open round 2 with 1 accepted update")
         for client in clients:  # same sessions, same address: they go on where they were
             client.channel.close()
             client.channel = grpc.insecure_channel(restarted.address)
             client.stub = type(client.stub)(client.channel)
-            assert client.pull()[0].status == pb.WAIT  # polling makes it live again
-        expected_2 = play_round(clients, 2)
+        assert clients[0].pull()[0].status == pb.WAIT  # its update survived the crash
+        with pytest.raises(grpc.RpcError) as replay:
+            clients[0].push(2, {"ctx": early}, EXAMPLES[0])
+        assert replay.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        expected_2 = fedavg(
+            {0: early, 1: push_prepared(clients[1], 1, 2), 2: push_prepared(clients[2], 2, 2)}
+        )
         expected_3 = play_round(clients, 3)
         restarted.wait_for_log(r"round 3/3 committed")
         assert restarted.terminate() == 0

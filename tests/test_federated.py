@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from itertools import islice
@@ -11,17 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from aggregator_process import FEDPROMPT, AggregatorProcess, write_config
+from aggregator_process import free_port as closed_port
 from PIL import Image
 
 from aggregator.store import SQLiteStore
 from edge_client.runtime import AggregatorLink, ClientError, backoff_delays
 from protos import fedprompt_pb2 as pb
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_backoff_grows_exponentially_with_jitter_up_to_the_cap() -> None:

@@ -8,6 +8,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from aggregator.strategies.combine import UpdateCombiner
+
 
 @dataclass
 class ClientUpdate:
@@ -21,12 +23,18 @@ class ClientUpdate:
 
 class ServerStrategy(ABC):
     """Server half of a method. Its state must round-trip through `state_dict`/`load_state_dict`
-    so that the aggregator can persist it atomically with each round."""
+    so that the aggregator can persist it atomically with each round; it may change only inside
+    `aggregate`, whose result is committed in the same transaction as the round.
+
+    Halves that average tensors do it through `self.combiner` (the configured mean or robust
+    rule), so robustness is implemented once for all methods. Subclasses that override
+    `__init__` pass `combiner` on."""
 
     name: ClassVar[str]
 
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(self, settings: dict[str, Any], combiner: UpdateCombiner | None = None) -> None:
         self.settings = settings
+        self.combiner = combiner or UpdateCombiner()
 
     @abstractmethod
     def initial_state(self) -> dict[str, np.ndarray]:
@@ -40,6 +48,12 @@ class ServerStrategy(ABC):
         """Names and shapes every update must have; None = not known yet (e.g. before round 1),
         then the first accepted update of the round sets them for the rest of the round."""
         return {name: tensor.shape for name, tensor in state.items()} or None
+
+    def update_reference(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What an update's size is measured from (for `max_update_norm` and `norm_bound`): the
+        global state for methods whose clients upload new values; those uploading deltas
+        return {} (measured from zero)."""
+        return state
 
     @abstractmethod
     def aggregate(

@@ -1,0 +1,74 @@
+"""A trained update kept on disk until the aggregator has answered for it.
+
+Training a round costs time and, under local DP, privacy budget (spent before training starts).
+So the client saves its encoded update before the first upload attempt and deletes it only on a
+definitive answer (accepted, already received, refused). A client restarted after a crash, or one
+that could not reach the aggregator before the deadline, uploads the saved update when it is
+offered the same round again instead of training, and spending budget, a second time.
+
+File layout: 4-byte big-endian length of the header, the serialized `UpdateHeader` (no session),
+then the payload; the header's `payload_bytes` catches a truncated file.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf.message import DecodeError
+
+from fedprompt.common.files import write_atomically
+from protos import fedprompt_pb2 as pb
+
+log = logging.getLogger("fedprompt.client")
+PENDING_FILE = "pending-update.bin"
+_LENGTH = struct.Struct(">I")
+
+
+@dataclass(frozen=True)
+class PendingUpload:
+    """One round's update as it will be sent, minus the session credential."""
+
+    header: pb.UpdateHeader
+    payload: bytes
+
+    @property
+    def round_id(self) -> int:
+        return self.header.round_id
+
+    def answers(self, run_id: str, round_id: int) -> bool:
+        return (self.header.run_id, self.header.round_id) == (run_id, round_id)
+
+
+class PendingUploadFile:
+    """The one pending update of a client state folder."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = Path(state_dir) / PENDING_FILE
+
+    def save(self, upload: PendingUpload) -> None:
+        header = upload.header.SerializeToString()
+        write_atomically(self.path, _LENGTH.pack(len(header)) + header + upload.payload)
+
+    def load(self) -> PendingUpload | None:
+        """The saved update, or None; an unreadable file is dropped with a warning."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            (length,) = _LENGTH.unpack_from(data)
+            header = pb.UpdateHeader.FromString(data[_LENGTH.size : _LENGTH.size + length])
+            payload = data[_LENGTH.size + length :]
+            if len(payload) != header.payload_bytes:
+                raise ValueError(f"{len(payload)} of {header.payload_bytes} payload bytes")
+        except (struct.error, DecodeError, ValueError) as error:
+            log.warning("unsent update %s is unreadable (%s); dropping it", self.path, error)
+            self.clear()
+            return None
+        return PendingUpload(header, payload)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -1,0 +1,264 @@
+"""Hostile and broken clients against a real aggregator process: revoked and replayed
+credentials, every kind of malformed or out-of-bounds update, a malicious update under robust
+aggregation, and a property-based fuzz of the whole PushUpdate path. Each gets a clear status, the
+daemon logs it and goes on, and the committed state stays exactly what the honest clients sent."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from aggregator_process import FEDPROMPT, AggregatorProcess, RawClient, write_config
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from aggregator.store import SQLiteStore
+from protos import fedprompt_pb2 as pb
+
+ROUNDS = {
+    "rounds": 1,
+    "min_clients": 3,
+    "min_fit": 3,
+    "min_updates": 2,
+    "round_timeout_s": 30.0,
+    "poll_interval_s": 0.1,
+    "heartbeat_interval_s": 0.5,
+    "client_timeout_s": 10.0,
+}
+SHAPE = (4, 8)
+INVALID, PRECONDITION = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
+
+
+def start(
+    tmp_path: Path, tokens: int, rounds: dict | None = None, server: dict | None = None, extra: str = ""
+):
+    config = write_config(tmp_path / "aggregator.toml", {**ROUNDS, **(rounds or {})}, server)
+    config.write_text(config.read_text() + extra)
+    store = SQLiteStore(tmp_path / "state.sqlite")
+    issued = [store.issue_token(f"device {i}") for i in range(tokens)]
+    store.close()
+    return AggregatorProcess(config, "--rounds", "1"), issued
+
+
+def honest(index: int) -> np.ndarray:
+    return np.full(SHAPE, 0.1 * (index + 1), np.float32)
+
+
+def refused(call, code: grpc.StatusCode) -> str:
+    """Run `call`, which must fail with `code`; return the status details."""
+    with pytest.raises(grpc.RpcError) as error:
+        call()
+    assert error.value.code() == code, error.value.details()
+    return error.value.details()
+
+
+def test_revoked_and_replayed_credentials_are_refused_at_once(tmp_path: Path) -> None:
+    server, tokens = start(tmp_path, 3)
+    try:
+        stale = RawClient(server.address, tokens[0])
+        device = RawClient(server.address, tokens[0])  # enrolling again replaces the session
+        assert (
+            refused(stale.pull, grpc.StatusCode.UNAUTHENTICATED) == "unknown or revoked session; enrol again"
+        )
+        others = [RawClient(server.address, token) for token in tokens[1:]]
+        assert device.wait_for_task()[0].round_id == 1
+        assert device.push(1, {"ctx": honest(0)}, 10).accepted
+
+        token_id = tokens[0].split(".")[0]
+        revoke = [FEDPROMPT, "aggregator", "token", "revoke", "--state", str(tmp_path / "state.sqlite")]
+        assert subprocess.run([*revoke, token_id], capture_output=True).returncode == 0
+        refused(device.pull, grpc.StatusCode.UNAUTHENTICATED)  # its live session ends at once
+        refused(lambda: device.push(1, {"ctx": honest(0)}, 10), grpc.StatusCode.UNAUTHENTICATED)
+        details = refused(lambda: RawClient(server.address, tokens[0]), grpc.StatusCode.PERMISSION_DENIED)
+        assert details == "enrolment token has been revoked"
+
+        for index, client in enumerate(others, start=1):
+            assert client.wait_for_task()[0].status == pb.TRAIN
+            assert client.push(1, {"ctx": honest(index)}, 10).accepted
+            if index == 1:  # the same update again, while the round is open
+                refused(lambda: others[0].push(1, {"ctx": honest(1)}, 10), grpc.StatusCode.ALREADY_EXISTS)
+        server.wait_for_log(r"round 1/1 committed: 2 clients")
+        assert "round 1 is closed" in refused(lambda: others[1].push(1, {"ctx": honest(2)}, 10), PRECONDITION)
+        server.wait_for_log(rf"dropping the update of c-{token_id}, whose token was revoked")
+    finally:
+        server.kill()
+    store = SQLiteStore(tmp_path / "state.sqlite", read_only=True)
+    (record,) = store.rounds()
+    assert record.metrics["clients"] == sorted(client.client_id for client in others)
+    np.testing.assert_allclose(store.global_tensors(1)["ctx"], (honest(1) + honest(2)) / 2, rtol=1e-6)
+
+
+def raw_payload(array: np.ndarray, dtype: str = "float32") -> bytes:
+    """`ctx` as a payload built by hand: the codec's encoder would refuse to make a bad one."""
+    tensor = pb.Tensor(
+        name="ctx", dtype=dtype, shape=list(array.shape), encoding=pb.FP32, data=array.tobytes()
+    )
+    return pb.TensorSet(tensors=[tensor]).SerializeToString()
+
+
+def test_each_kind_of_bad_input_is_refused_with_a_clear_status_and_the_round_goes_on(tmp_path: Path) -> None:
+    limits = {"max_message_mb": 0.25, "chunk_kb": 64, "max_payload_mb": 0.1, "update_encoding": "fp32"}
+    server, tokens = start(tmp_path, 3, server=limits, extra="\n[aggregation]\nmax_update_norm = 100.0\n")
+    try:
+        clients = [RawClient(server.address, token) for token in tokens]
+        sender = clients[0]
+        sender.wait_for_task()
+        good = honest(0)
+        bad_pushes = {
+            "unknown method": (dict(tensors={"ctx": good}, num_examples=1, method="fedprox"), INVALID),
+            "wrong dtype": (dict(tensors={}, num_examples=1, payload=raw_payload(good, "int32")), INVALID),
+            "Inf in a tensor": (
+                dict(tensors={}, num_examples=1, payload=raw_payload(np.full(SHAPE, np.inf, np.float32))),
+                INVALID,
+            ),
+            "absurd example count": (dict(tensors={"ctx": good}, num_examples=2**40), INVALID),
+            "norm far above the bound": (dict(tensors={"ctx": good + 1e4}, num_examples=1), INVALID),
+            "payload over max_payload_mb": (
+                dict(tensors={"ctx": np.zeros((200, 200), np.float32)}, num_examples=1),
+                INVALID,
+            ),
+            "payload longer than announced": (
+                dict(tensors={"ctx": good}, num_examples=1, announced_bytes=10),
+                INVALID,
+            ),
+            "message over max_message_mb": (
+                dict(
+                    tensors={},
+                    num_examples=1,
+                    payload=bytes(300_000),
+                    chunk_bytes=300_000,
+                    announced_bytes=50,
+                ),
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            ),
+            "wrong run": (dict(tensors={"ctx": good}, num_examples=1, run_id="run-forged"), PRECONDITION),
+        }
+        for reason, (update, code) in bad_pushes.items():
+            details = refused(lambda update=update: sender.push(1, **update), code)
+            assert details and "\n" not in details, reason
+        refused(lambda: sender.push_chunks([pb.UpdateChunk(data=b"x")]), INVALID)  # no header first
+        header = pb.UpdateChunk(header=pb.UpdateHeader(session=sender.session, payload_bytes=1))
+        refused(lambda: sender.push_chunks([header, header]), INVALID)  # a second header
+        garbage = sender.channel.unary_unary("/fedprompt.v1.Aggregator/Heartbeat")
+        assert refused(lambda: garbage(b"\xff\xff\xff", timeout=5), INVALID) == "malformed request message"
+        unknown = sender.channel.unary_unary("/fedprompt.v1.Aggregator/Explode")
+        refused(lambda: unknown(b"", timeout=5), grpc.StatusCode.UNIMPLEMENTED)
+
+        for index, client in enumerate(clients):  # the round goes on with the honest updates
+            client.wait_for_task()
+            assert client.push(1, {"ctx": honest(index)}, 10).accepted
+        server.wait_for_log(r"round 1/1 committed: 3 clients")
+        logged = server.count(r"PushUpdate refused for") + server.count(r"PushUpdate for .* cut off: ")
+        assert logged == len(bad_pushes) + 2  # one line each, headerless and two-header pushes too
+        assert server.count(r"Heartbeat refused for .*: malformed request message") == 1
+        assert "Traceback" not in server.log and server.proc.poll() is None
+    finally:
+        server.kill()
+    expected = (honest(0) + honest(1) + honest(2)) / 3
+    np.testing.assert_allclose(
+        SQLiteStore(tmp_path / "state.sqlite").global_tensors(1)["ctx"], expected, rtol=1e-6
+    )
+
+
+def test_one_malicious_update_moves_the_median_only_inside_the_honest_range(tmp_path: Path) -> None:
+    robust = '\n[aggregation]\nrule = "median"\nmax_update_norm = 500.0\n'
+    server, tokens = start(tmp_path, 4, {"min_clients": 4, "min_fit": 4, "min_updates": 4}, extra=robust)
+    try:
+        clients = [RawClient(server.address, token) for token in tokens]
+        for client in clients:
+            client.wait_for_task()
+        attacker, honest_clients = clients[0], clients[1:]
+        refused(lambda: attacker.push(1, {"ctx": np.full(SHAPE, 1e6, np.float32)}, 10**6), INVALID)
+        assert attacker.push(1, {"ctx": np.full(SHAPE, 50.0, np.float32)}, 10**6).accepted  # under the bound
+        for index, client in enumerate(honest_clients, start=1):
+            assert client.push(1, {"ctx": honest(index)}, 10).accepted
+        server.wait_for_log(r"round 1/1 committed: 4 clients")
+    finally:
+        server.kill()
+    ctx = SQLiteStore(tmp_path / "state.sqlite").global_tensors(1)["ctx"]
+    assert np.all(ctx >= honest(1)) and np.all(ctx <= honest(3))  # FedAvg would give about 50
+    np.testing.assert_allclose(ctx, (honest(2) + honest(3)) / 2, rtol=1e-6)
+
+
+FUZZ_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+@pytest.fixture(scope="module")
+def fuzz_target(tmp_path_factory: pytest.TempPathFactory):
+    """An aggregator waiting for more clients than there are, so every update that survives all
+    checks is still refused (no round is open) and nothing the fuzzer sends can be committed."""
+    folder = tmp_path_factory.mktemp("fuzz")
+    server, tokens = start(folder, 1, {"min_clients": 3})
+    client = RawClient(server.address, tokens[0])
+    yield server, client, folder
+    server.kill()
+
+
+def tensors_strategy() -> st.SearchStrategy[bytes]:
+    tensor = st.builds(
+        pb.Tensor,
+        name=st.sampled_from(["ctx", "", "x"]),
+        dtype=st.sampled_from(["float32", "float16", "float64", "int32", "object", ""]),
+        shape=st.lists(st.integers(-2, 6), max_size=3),
+        encoding=st.integers(0, 5),
+        data=st.binary(max_size=96),
+        scale=st.floats(allow_nan=True, allow_infinity=True),
+    )
+    structured = st.lists(tensor, max_size=3).map(lambda ts: pb.TensorSet(tensors=ts).SerializeToString())
+    return st.one_of(structured, st.binary(max_size=256))
+
+
+# mostly valid header fields, so that most examples get as far as the tensor decoder
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    session=st.sampled_from(["valid"] * 4 + ["", "forged"]),
+    run=st.sampled_from(["valid"] * 4 + ["run-forged"]),
+    round_id=st.integers(0, 2**64 - 1),
+    num_examples=st.one_of(st.integers(1, 1000), st.integers(0, 2**64 - 1)),
+    values=st.dictionaries(st.text(max_size=8), st.floats(allow_nan=False, allow_infinity=False), max_size=3)
+    | st.dictionaries(st.text(max_size=8), st.floats(), max_size=3),
+    method=st.sampled_from(["", "", "promptfl", "dpfpl"]),
+    payload=tensors_strategy(),
+    announced=st.one_of(st.none(), st.none(), st.integers(0, 2**64 - 1)),
+    chunk_bytes=st.integers(1, 64),
+)
+def test_fuzzed_updates_through_a_real_server_never_break_it(
+    fuzz_target, session, run, round_id, num_examples, values, method, payload, announced, chunk_bytes
+) -> None:
+    server, client, _ = fuzz_target
+    header = pb.UpdateHeader(
+        session=client.session if session == "valid" else session,
+        run_id=client.run_id if run == "valid" else run,
+        round_id=round_id,
+        num_examples=num_examples,
+        metrics=values,
+        privacy=values,
+        payload_bytes=len(payload) if announced is None else announced,
+        method=method,
+    )
+    chunks = [pb.UpdateChunk(header=header)]
+    chunks += [pb.UpdateChunk(data=payload[i : i + chunk_bytes]) for i in range(0, len(payload), chunk_bytes)]
+    with pytest.raises(grpc.RpcError) as error:
+        client.push_chunks(chunks)
+    assert error.value.code() in FUZZ_CODES, error.value.details()
+    event(
+        re.sub(r"\d+|'[^']*'", "#", error.value.details())[:48]
+    )  # which check: --hypothesis-show-statistics
+    assert server.proc.poll() is None
+
+
+def test_after_the_fuzz_the_daemon_serves_and_its_state_is_untouched(fuzz_target) -> None:
+    server, client, folder = fuzz_target
+    assert client.pull()[0].status == pb.WAIT
+    assert "Traceback" not in server.log and server.count("failed for") == 0
+    store = SQLiteStore(folder / "state.sqlite", read_only=True)
+    assert store.rounds() == [] and store.open_round() is None
