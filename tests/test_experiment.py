@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from opacus.accountants.analysis import rdp as rdp_analysis
 from PIL import Image
@@ -23,12 +24,19 @@ from fedprompt.cli import main
 from fedprompt.common.codec import encode_tensor_set
 from fedprompt.common.settings import TrainingSettings
 from fedprompt.harness.calibration import calibrate_noise_multiplier
-from fedprompt.harness.client_data import load_pools, local_eval_indices, split_id
+from fedprompt.harness.client_data import (
+    fresh_workspace,
+    load_pools,
+    local_eval_indices,
+    seed_clients,
+    split_id,
+)
 from fedprompt.harness.experiment_config import (
     ExperimentConfigError,
     load_experiment_config,
     parse_experiment_config,
 )
+from fedprompt.harness.in_process import FederationRules, run_federated
 from fedprompt.harness.round_metrics import COLUMNS, round_row
 from fedprompt.harness.splits import ClientSplit, make_splits
 
@@ -294,3 +302,35 @@ def test_settings_of_an_entry_merge_over_training_defaults() -> None:
 def test_committed_experiment_configs_are_valid(path: Path) -> None:
     config = load_experiment_config(path)
     assert config.methods and config.seeds
+
+
+@pytest.fixture
+def one_torch_thread():
+    """As the experiment command runs: small prompt steps are many times slower on a busy machine
+    with more threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_every_run_of_a_seed_samples_the_same_clients_when_fraction_is_below_one(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    split = {"num_clients": 4, "alpha": 1.0, "max_train_per_client": 20, "eval_per_class": 2}
+    config = parse_experiment_config({"split": split, "methods": [{"method": "zero-shot"}]}, Path.cwd(), "x")
+    clients = seed_clients(load_pools(config.data, Path.cwd()), config.split, 0, tiny_bundle, tmp_path, None)
+    rules = FederationRules(rounds=3, fraction=0.5, seed=0)
+    sampled = []
+    for name, settings in {
+        "plain": TrainingSettings(n_ctx=2),
+        "dp": TrainingSettings(n_ctx=2, dp="client"),
+    }.items():
+        workspaces = [
+            fresh_workspace(ws, tmp_path / name / str(i)) for i, ws in enumerate(clients.workspaces)
+        ]
+        run = run_federated("promptfl", settings, workspaces, rules, tmp_path / name / "state.sqlite")
+        sampled.append([sorted(run.client_ids.index(c.client_id) for c in r.clients) for r in run.rounds])
+    assert sampled[0] == sampled[1]
+    assert all(len(chosen) == 2 for chosen in sampled[0])

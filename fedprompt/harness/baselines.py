@@ -17,9 +17,9 @@ from edge_client.methods.base import RoundResult, RoundTask
 from edge_client.methods.registry import CLIENT_METHODS
 from edge_client.training import class_logits
 from edge_client.workspace import ClientWorkspace
+from export.pretrain import ZERO_SHOT_TEMPLATE
 from fedprompt.common.settings import TrainingSettings
 
-ZERO_SHOT_TEMPLATE = "a photo of a {}."
 LOCAL_ONLY_METHOD = "promptfl"  # the client half trained alone: CoOp on local data only
 
 

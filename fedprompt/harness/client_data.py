@@ -17,10 +17,10 @@ import numpy as np
 from edge_client.bundle import Bundle
 from edge_client.datasets import ImageSet, load_dataset
 from edge_client.workspace import ClientWorkspace, holdout_split
+from fedprompt.harness.demo import pretraining_images
 from fedprompt.harness.experiment_config import DataConfig, SplitConfig
 from fedprompt.harness.splits import ClientSplit, apply_shift, make_splits
 
-PRETRAINED_ON_FIRST = 30_000  # Fashion-MNIST train images the embedded tiny CLIP saw in pretraining
 BUILTIN_WITH_TEST_SPLIT = "fashion-mnist"
 
 
@@ -52,7 +52,7 @@ def load_pools(data: DataConfig, base_dir: Path) -> ImagePools:
     images = load_dataset(source)
     skip = data.skip_first
     if skip is None:
-        skip = PRETRAINED_ON_FIRST if data.source == BUILTIN_WITH_TEST_SPLIT else 0
+        skip = pretraining_images() if data.source == BUILTIN_WITH_TEST_SPLIT else 0
     if skip >= len(images):
         raise ValueError(f"data.skip_first={skip} leaves none of the {len(images)} images of {data.source}")
     images = images.subset(np.arange(skip, len(images)))

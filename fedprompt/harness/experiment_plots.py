@@ -28,7 +28,7 @@ def plot_experiment(rows: Sequence[dict[str, Any]], labels: Sequence[str], title
     """Write the PNG; returns its path."""
     private = [m for m in labels if any(r["method"] == m and r["epsilon"] is not None for r in rows)]
     panels = 2 if private else 1
-    figure, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
+    figure, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 5.0), squeeze=False)
     per_round, colours = axes[0][0], plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colour = {label: colours[i % len(colours)] for i, label in enumerate(labels)}
     last_round = max(r["round"] for r in rows)
@@ -39,14 +39,13 @@ def plot_experiment(rows: Sequence[dict[str, Any]], labels: Sequence[str], title
             per_round.axhline(mean[0], color=colour[label], linestyle="--", label=label)
             continue
         per_round.plot(rounds, mean, marker="o", markersize=3, color=colour[label], label=label)
-        per_round.fill_between(rounds, mean - std, mean + std, color=colour[label], alpha=0.15)
+        per_round.fill_between(rounds, mean - std, mean + std, color=colour[label], alpha=0.1)
     per_round.set(
         xlabel="round", ylabel="held-out accuracy (mean over clients)", title=f"{title}: accuracy per round"
     )
     per_round.set_xlim(0.5, max(last_round, 1) + 0.5)
     per_round.xaxis.set_major_locator(MaxNLocator(integer=True))
     per_round.grid(alpha=0.3)
-    per_round.legend(fontsize=8)
     if private:
         against = axes[0][1]
         for label in private:
@@ -56,13 +55,13 @@ def plot_experiment(rows: Sequence[dict[str, Any]], labels: Sequence[str], title
             against.errorbar(
                 epsilon, mean, yerr=std, marker="o", markersize=3, capsize=2, color=colour[label], label=label
             )
-        against.set(
-            xlabel="ε spent (max over clients, mean over seeds)", ylabel="held-out accuracy", xscale="log"
-        )
+        against.set(xlabel="ε spent so far (max over clients, mean over seeds)", ylabel="held-out accuracy")
         against.set_title(f"{title}: accuracy against privacy spent")
         against.grid(alpha=0.3)
-        against.legend(fontsize=8)
-    figure.tight_layout()
+    handles, names = per_round.get_legend_handles_labels()  # one legend for both panels, below them
+    columns = min(len(names), 4)
+    figure.legend(handles, names, loc="lower center", ncol=columns, fontsize=9, frameon=False)
+    figure.tight_layout(rect=(0, 0.04 + 0.05 * ((len(names) + columns - 1) // columns), 1, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path

@@ -108,10 +108,12 @@ def run_federated(
     store = SQLiteStore(state)
     try:
         coordinator = RoundCoordinator(store, config)
-        sessions = [
+        # Enrolment draws random ids and the sampler picks positions among the sorted ids, so the
+        # i-th workspace takes the i-th smallest id: every method then samples the same clients.
+        sessions = sorted(
             coordinator.enroll(store.issue_token(f"client {i}"), f"client {i}")
             for i in range(len(workspaces))
-        ]
+        )
         client_ids = [client_id for client_id, _ in sessions]
         clients = {cid: CLIENT_METHODS[method](ws) for cid, ws in zip(client_ids, workspaces, strict=True)}
         driver = _Driver(coordinator)
