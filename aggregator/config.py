@@ -2,9 +2,10 @@
 
 Sections: [server] (network, TLS, limits, state file), [rounds] (how rounds are scheduled),
 [method] (which method), [aggregation] (how the server combines updates, robust rules),
-[training] (parsed by `fedprompt.common.settings.TrainingSettings`, the one settings class both
-halves read, and sent to clients as JSON in every task). Unknown keys
-and bad values are errors with one line, because a typo must not silently run with a default.
+[secure_aggregation] (opt-in SecAgg/SecAgg+ over the network), [training] (parsed by
+`fedprompt.common.settings.TrainingSettings`, the one settings class both halves read, and sent to
+clients as JSON in every task). Unknown keys and bad values are errors with one line, because a
+typo must not silently run with a default.
 """
 
 from __future__ import annotations
@@ -150,11 +151,45 @@ class AggregationConfig:
 
 
 @dataclass(frozen=True)
+class SecureAggregationConfig:
+    """Secure aggregation (`aggregator.secure_rounds`): the server learns only the sum of the
+    surviving clients' updates, for methods whose server half needs nothing else.
+
+    `threshold` t: shares needed to recover a client's secrets; up to t - 1 clients colluding with
+    the server learn nothing more than the sum, and a round survives as long as t clients answer
+    the unmasking (a session needs at least t + 1 clients). `degree` 0 = every pair of clients
+    masks (SecAgg), an even k >= t = a random k-regular graph (SecAgg+, cost O(k) per client).
+    Each step after the first (which waits for training, until the round's deadline) must finish
+    within `step_timeout_s`. Values are clipped to [-value_bound, value_bound] and summed modulo
+    2**modulus_bits; example counts above `example_cap` weigh as `example_cap`."""
+
+    enabled: bool = False
+    threshold: int = 2
+    degree: int = 0
+    modulus_bits: int = 32
+    value_bound: float = 4.0
+    example_cap: int = 1000
+    step_timeout_s: float = 60.0
+
+    def check(self) -> None:
+        _require(self.threshold >= 2, "secure_aggregation.threshold must be at least 2")
+        _require(
+            self.degree == 0 or (self.degree % 2 == 0 and self.degree >= self.threshold),
+            "secure_aggregation.degree must be 0 (complete graph) or even and >= the threshold",
+        )
+        _require(24 <= self.modulus_bits <= 53, "secure_aggregation.modulus_bits must be in 24..53")
+        _require(self.value_bound >= 1, "secure_aggregation.value_bound must be at least 1")
+        _require(self.example_cap >= 1, "secure_aggregation.example_cap must be at least 1")
+        _require(self.step_timeout_s > 0, "secure_aggregation.step_timeout_s must be positive")
+
+
+@dataclass(frozen=True)
 class AggregatorConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     rounds: RoundConfig = field(default_factory=RoundConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     base_dir: Path = field(default_factory=Path.cwd)
 
@@ -171,6 +206,18 @@ class AggregatorConfig:
         self.rounds.check()
         self.method.check()
         self.aggregation.check()
+        self.secure_aggregation.check()
+        if self.secure_aggregation.enabled:
+            _require(
+                self.aggregation == AggregationConfig(),
+                "secure aggregation gives the server only the sum: leave [aggregation] at its defaults "
+                "(no robust rule, norm bound or update-norm check can see individual updates)",
+            )
+            _require(
+                self.rounds.min_fit > self.secure_aggregation.threshold,
+                "secure aggregation needs rounds.min_fit > secure_aggregation.threshold "
+                "(a session needs at least threshold + 1 clients)",
+            )
         return self
 
     def with_overrides(self, server: dict[str, Any], rounds: dict[str, Any]) -> AggregatorConfig:
@@ -222,7 +269,7 @@ def load_config(path: str | Path | None) -> AggregatorConfig:
         raise ConfigError(f"cannot read config {path}: {error.strerror}") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
-    sections = {"server", "rounds", "method", "aggregation", "training"}
+    sections = {"server", "rounds", "method", "aggregation", "secure_aggregation", "training"}
     unknown = sorted(set(data) - sections)
     if unknown:
         raise ConfigError(
@@ -237,6 +284,9 @@ def load_config(path: str | Path | None) -> AggregatorConfig:
         rounds=_section(RoundConfig, data.get("rounds", {}), "rounds"),
         method=_section(MethodConfig, data.get("method", {}), "method"),
         aggregation=_section(AggregationConfig, data.get("aggregation", {}), "aggregation"),
+        secure_aggregation=_section(
+            SecureAggregationConfig, data.get("secure_aggregation", {}), "secure_aggregation"
+        ),
         training=training,
         base_dir=path.resolve().parent,
     ).check()

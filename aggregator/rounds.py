@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from aggregator.config import AggregatorConfig
+from aggregator.config import AggregatorConfig, ConfigError
+from aggregator.secure_rounds import (
+    SecureRounds,
+    SecureSession,
+    StepRefused,
+    decoded_weight_total,
+    expected_layout,
+)
 from aggregator.store import (
     AuthError,
     ClientRoundRecord,
@@ -33,6 +40,7 @@ from aggregator.strategies.base import ClientUpdate
 from aggregator.strategies.combine import UpdateCombiner, distance
 from aggregator.strategies.registry import SERVER_STRATEGIES
 from fedprompt.common.codec import CodecError, decode_tensor_set, encode_tensor_set
+from fedprompt.common.secure_round import SecureRoundParams, StepReply
 
 log = logging.getLogger("fedprompt.aggregator")
 MAX_EXAMPLES = 2**31 - 1
@@ -57,6 +65,7 @@ class Task:
     round_id: int = 0
     deadline_unix: float = 0.0
     payload: bytes = b""
+    secure: SecureRoundParams | None = None  # set: the update is securely summed (SecAggStep)
 
     @property
     def deadline_in_s(self) -> float:
@@ -82,6 +91,8 @@ class OpenRound:
     accepted: dict[str, Accepted] = field(default_factory=dict)
     spec: dict[str, tuple[int, ...]] | None = None
     silent: set[str] = field(default_factory=set)  # sampled clients no longer waited for
+    secure: SecureSession | None = None  # the current secure-aggregation attempt, if any
+    attempts: int = 0  # secure-aggregation attempts started (not persisted: a restart starts afresh)
 
     def persisted(self) -> OpenRoundState:
         return OpenRoundState(
@@ -118,6 +129,12 @@ class RoundCoordinator:
         aggregation = config.aggregation
         combiner = UpdateCombiner(aggregation.rule, aggregation.trim_fraction, aggregation.norm_bound)
         self.strategy = SERVER_STRATEGIES[config.method.name](settings, combiner=combiner)
+        self.secure = SecureRounds(config, self.strategy) if config.secure_aggregation.enabled else None
+        if self.strategy.needs_secure_aggregation and self.secure is None:
+            raise ConfigError(
+                f"method {config.method.name} runs only with [secure_aggregation] enabled = true "
+                "(without it the server would see every client's upload)"
+            )
         initial = RoundRecord(0, self.strategy.initial_state(), self.strategy.state_dict())
         self.run_id = store.open_run(config.method.name, self.settings_json, initial).run_id
         latest = store.latest_round()
@@ -169,10 +186,17 @@ class RoundCoordinator:
             current = self._round
             if current is None or client_id not in current.sampled or client_id in current.accepted:
                 return Task("wait", retry_after_s=self.rules.poll_interval_s)
+            secure = None
+            if self.secure is not None:
+                session = current.secure
+                if session is None or session.failure or session.has_begun(client_id):
+                    return Task("wait", retry_after_s=self.rules.poll_interval_s)
+                secure = session.params(client_id)
             if client_id not in current.payloads:
                 tensors = self.strategy.tensors_for_client(self.global_state, client_id)
                 current.payloads[client_id] = encode_tensor_set(tensors, self.config.server.task_encoding)
-            return Task("train", 0.0, current.round_id, current.deadline_unix, current.payloads[client_id])
+            payload = current.payloads[client_id]
+            return Task("train", 0.0, current.round_id, current.deadline_unix, payload, secure)
 
     def submit(
         self,
@@ -189,6 +213,11 @@ class RoundCoordinator:
         if run_id != self.run_id:
             raise Refused(
                 grpc.StatusCode.FAILED_PRECONDITION, f"update for run {run_id!r}, this is {self.run_id}"
+            )
+        if self.secure is not None:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this run aggregates securely: updates go through SecAggStep, not PushUpdate",
             )
         if method and method != self.config.method.name:
             raise Refused(
@@ -225,6 +254,38 @@ class RoundCoordinator:
             current.accepted[client_id] = self._accepted(pending, tensors)
             self._cond.notify_all()
         log.info("round %d: update from %s (%d examples)", round_id, client_id, num_examples)
+
+    def secure_step(
+        self,
+        client_id: str,
+        run_id: str,
+        round_id: int,
+        session_id: bytes,
+        step: int,
+        message: bytes,
+        layout: list[tuple[str, tuple[int, ...]]],
+        privacy: dict[str, float],
+    ) -> StepReply:
+        """One step of the round's secure aggregation (`aggregator.secure_rounds`)."""
+        if run_id != self.run_id:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION, f"step for run {run_id!r}, this is {self.run_id}"
+            )
+        privacy = _finite_map(privacy, "privacy values")
+        with self._cond:
+            if self.secure is None:
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "this run does not aggregate securely")
+            current = self._round
+            session = None if current is None or current.round_id != round_id else current.secure
+            if session is None or session.session_id != session_id:
+                reason = f"round {round_id} has no such session (closed or restarted)"
+                return StepReply("aborted", reason=reason)
+            try:
+                reply = session.handle(client_id, step, message, layout, privacy, self._live(), time.time())
+            except StepRefused as refusal:
+                raise Refused(refusal.code, refusal.message) from None
+            self._cond.notify_all()
+            return reply
 
     def global_model(self) -> tuple[int, bytes]:
         with self._cond:
@@ -344,6 +405,11 @@ class RoundCoordinator:
             self._round = current
             self._cond.notify_all()
             while not self._stopping:
+                if self.secure is not None:
+                    if self._secure_sum_ready(current):
+                        break
+                    self._cond.wait(timeout=0.2)
+                    continue
                 live = self._live()
                 outstanding = current.sampled - set(current.accepted)
                 self._note_silent(current, outstanding - live)
@@ -361,7 +427,71 @@ class RoundCoordinator:
             if self._stopping:
                 return None
             accepted = list(current.accepted.values())
+        if current.secure is not None:
+            return self._aggregate_secure(current, current.secure)
         return self._aggregate(current, accepted)
+
+    def _secure_sum_ready(self, current: OpenRound) -> bool:
+        """Advances the round's secure aggregation; True once it holds a usable sum. A failed
+        attempt (too many dropouts, too few clients summed, a revoked survivor) is logged and
+        replaced by a new one with fresh keys."""
+        live = self._live()
+        self._note_silent(current, current.sampled - live)
+        session = current.secure
+        if session is not None and session.failure is None:
+            session.advance(live, time.time())
+            unusable = session.failure is None and self._unusable_sum(current, session)
+            if unusable:
+                session.fail(unusable)
+            if session.failure is None:
+                return session.result is not None
+        if session is not None and not session.failure_logged:
+            session.failure_logged = True
+            round_id, attempt = current.round_id, current.attempts
+            log.warning("round %d: secure aggregation attempt %d failed: %s", round_id, attempt, session.failure)
+        self._start_secure_attempt(current, live)
+        return False
+
+    def _unusable_sum(self, current: OpenRound, session: SecureSession) -> str | None:
+        if session.result is None:
+            return None
+        if len(session.survivors) < self.rules.min_updates:
+            return f"only {len(session.survivors)} clients summed, fewer than rounds.min_updates"
+        revoked = self.store.revoked_clients(session.survivors)
+        if revoked:
+            current.sampled -= revoked
+            return f"the sum includes {', '.join(sorted(revoked))}, whose token was revoked"
+        return None
+
+    def _start_secure_attempt(self, current: OpenRound, live: set[str]) -> None:
+        """The first attempt takes the round's sample; a later one the sampled clients still live,
+        topped up with freshly sampled live clients, and a new deadline."""
+        threshold = self.config.secure_aggregation.threshold
+        members = set(current.sampled) if not current.attempts else current.sampled & live
+        if current.attempts:
+            wanted = max(self.rules.min_fit, threshold + 1) - len(members)
+            draw = current.extensions + 1
+            fresh = self._sample(live - current.sampled, max(wanted, 0), current.round_id, draw)
+            if len(members | fresh) <= threshold:
+                return  # polled again every 0.2 s until enough clients are live
+            current.sampled |= fresh
+            members |= fresh
+            current.extensions += 1
+            current.deadline_unix = time.time() + self.rules.round_timeout_s
+            self.store.save_open_round(current.persisted())
+        current.attempts += 1
+        layout = expected_layout(self.strategy.update_spec(self.global_state))
+        current.secure = self.secure.start(
+            self.run_id, current.round_id, current.attempts, members, current.deadline_unix, layout
+        )
+        log.info(
+            "round %d: secure aggregation attempt %d with %d clients (threshold %d)",
+            current.round_id,
+            current.attempts,
+            len(members),
+            threshold,
+        )
+        self._cond.notify_all()
 
     def _note_silent(self, current: OpenRound, silent: set[str]) -> None:
         for client in sorted(silent - current.silent):
@@ -420,12 +550,45 @@ class RoundCoordinator:
             )
             for item in accepted
         ]
-        epsilons = [item.privacy["epsilon"] for item in accepted if "epsilon" in item.privacy]
-        deltas = [item.privacy["delta"] for item in accepted if "delta" in item.privacy]
+        examples = sum(c.num_examples for c in clients)
+        return self._record(current, tensors, strategy_metrics, clients, _weighted_means(accepted), examples)
+
+    def _aggregate_secure(self, current: OpenRound, session: SecureSession) -> RoundRecord:
+        """The round from its secure sum: per survivor only its privacy report and traffic."""
+        survivors = len(session.survivors)
+        log.info("round %d: aggregating the secure sum of %d clients", current.round_id, survivors)
+        tensors, strategy_metrics = self.strategy.aggregate_sum(self.global_state, session.result)
+        clients = [
+            ClientRoundRecord(
+                client,
+                0,  # a secure round never learns a client's example count
+                {},
+                session.privacy.get(client, {}),
+                session.bytes_up[client],
+                session.bytes_down[client] + len(current.payloads.get(client, b"")),
+            )
+            for client in session.survivors
+        ]
+        examples = decoded_weight_total(session.result, session.example_cap)
+        record = self._record(current, tensors, strategy_metrics, clients, session.result.metrics, examples)
+        record.metrics["secure_aggregation"] = {**session.summary(), "attempts": current.attempts}
+        return record
+
+    def _record(
+        self,
+        current: OpenRound,
+        tensors: dict[str, np.ndarray],
+        strategy_metrics: dict[str, float],
+        clients: list[ClientRoundRecord],
+        client_metrics: dict[str, float],
+        num_examples: int,
+    ) -> RoundRecord:
+        epsilons = [c.privacy["epsilon"] for c in clients if "epsilon" in c.privacy]
+        deltas = [c.privacy["delta"] for c in clients if "delta" in c.privacy]
         metrics = {
             "clients": sorted(c.client_id for c in clients),
-            "num_examples": sum(c.num_examples for c in clients),
-            "client_metrics": _weighted_means(accepted),
+            "num_examples": num_examples,
+            "client_metrics": client_metrics,
             "bytes_up_per_client": float(np.mean([c.bytes_up for c in clients])),
             "bytes_down_per_client": float(np.mean([c.bytes_down for c in clients])),
             "epsilon_max": max(epsilons) if epsilons else None,

@@ -23,11 +23,18 @@ from aggregator.store import SQLiteStore
 from aggregator.tls import security_label, server_credentials
 from fedprompt.common.codec import ENCODINGS, CodecError, iter_chunks, join_chunks
 from fedprompt.common.network import is_loopback
+from fedprompt.common.secure_round import SecureRoundParams
 from protos import fedprompt_pb2 as pb
 from protos import fedprompt_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fedprompt.aggregator")
 _TASK_STATUS = {"train": pb.TRAIN, "wait": pb.WAIT, "finished": pb.FINISHED}
+_STEP_STATUS = {
+    "pending": pb.SECAGG_PENDING,
+    "next": pb.SECAGG_NEXT,
+    "done": pb.SECAGG_DONE,
+    "aborted": pb.SECAGG_ABORTED,
+}
 
 
 def grpc_message_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -169,6 +176,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             header.deadline_in_s = task.deadline_in_s
             header.payload_bytes = len(task.payload)
             header.update_encoding = ENCODINGS[self.server_config.update_encoding]
+            if task.secure is not None:
+                header.secure_aggregation.CopyFrom(_secure_message(task.secure))
         return iter(
             [pb.TaskChunk(header=header), *(pb.TaskChunk(data=c) for c in self._chunks(task.payload))]
         )
@@ -202,6 +211,27 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         )
         return pb.PushUpdateReply(accepted=True, message=f"update for round {header.round_id} accepted")
 
+    @refusals_as_status
+    def SecAggStep(self, request: pb.SecAggRequest, context: grpc.ServicerContext) -> pb.SecAggReply:
+        client_id = self.coordinator.authenticate(request.session)
+        reply = self.coordinator.secure_step(
+            client_id,
+            request.run_id,
+            request.round_id,
+            request.session_id,
+            request.step,
+            request.message,
+            [(spec.name, tuple(spec.shape)) for spec in request.layout],
+            dict(request.privacy),
+        )
+        return pb.SecAggReply(
+            status=_STEP_STATUS[reply.status],
+            message=reply.message,
+            retry_after_s=reply.retry_after_s,
+            deadline_in_s=reply.deadline_in_s,
+            reason=reply.reason,
+        )
+
     @staticmethod
     def _data_of(chunk: pb.UpdateChunk) -> bytes:
         if not chunk.HasField("data"):
@@ -224,6 +254,18 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             payload_bytes=len(payload),
         )
         return iter([pb.ModelChunk(header=header), *(pb.ModelChunk(data=c) for c in self._chunks(payload))])
+
+
+def _secure_message(params: SecureRoundParams) -> pb.SecureAggregation:
+    return pb.SecureAggregation(
+        session_id=params.session_id,
+        member_id=params.member_id,
+        threshold=params.threshold,
+        degree=params.degree or 0,
+        modulus_bits=params.modulus_bits,
+        value_bound=params.value_bound,
+        example_cap=params.example_cap,
+    )
 
 
 def start_server(coordinator: RoundCoordinator) -> tuple[grpc.Server, int]:

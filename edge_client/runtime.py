@@ -7,7 +7,9 @@ off by a restart is retried until the round's deadline, and a saved update is se
 again) when the same round is offered after a crash of either side.
 
 The runtime knows no method: it turns a task into a `RoundTask`, hands it to the `ClientMethod`
-named in the task, and ships back the `RoundResult`.
+named in the task, and ships back the `RoundResult`: pushed as an update, or, when the task says
+the round is securely aggregated, summed with the others' through SecAggStep
+(`edge_client.secure_upload`), where it is kept until a session has it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import grpc
 
 from edge_client.methods.base import ClientMethod, RoundTask
 from edge_client.pending_upload import PendingUpload, PendingUploadFile
+from edge_client.secure_upload import GrpcSecureChannel, params_from_message, secure_upload
 from edge_client.tls import ChannelSecurity, closed_socket_hint, tls_failure
 from fedprompt.common.codec import CodecError, decode_tensor_set, encode_tensor_set, iter_chunks, join_chunks
 from fedprompt.common.files import write_atomically
@@ -313,14 +316,45 @@ class ClientRuntime:
             log.info(
                 "round %d: sending the update trained before a restart (not training again)", saved.round_id
             )
-            self._upload(saved, deadline)
+            self._send(saved, header, deadline)
             return
         if saved is not None:
             log.info("dropping the unsent update of round %d: the aggregator moved on", saved.round_id)
             self._pending.clear()
         upload, deadline = self._train(header, payload, deadline)
         self._pending.save(upload)
-        self._upload(upload, deadline)
+        self._send(upload, header, deadline)
+
+    def _send(self, upload: PendingUpload, task: pb.TaskHeader, deadline: float) -> None:
+        if task.HasField("secure_aggregation"):
+            self._secure_upload(upload, task.secure_aggregation)
+        else:
+            self._upload(upload, deadline)
+
+    def _secure_upload(self, upload: PendingUpload, secure: pb.SecureAggregation) -> None:
+        """Sum the update in the task's session; the saved update stays until a session has it."""
+
+        def call(request: pb.SecAggRequest) -> pb.SecAggReply:
+            def rpc(session: str) -> pb.SecAggReply:
+                request.session = session
+                return self.link.stub.SecAggStep(request, timeout=self.link.rpc_timeout_s)
+
+            return self._authenticated("secure aggregation", rpc)
+
+        params = params_from_message(secure)
+        channel = GrpcSecureChannel(call, upload.header.run_id, upload.round_id, params.session_id)
+        header = upload.header
+        try:
+            tensors = decode_tensor_set(upload.payload)
+            summed = secure_upload(
+                params, tensors, header.num_examples, dict(header.metrics), dict(header.privacy), channel
+            )
+        except ClientError as error:
+            log.warning("round %d: %s; keeping the update for a later try", upload.round_id, error)
+            return
+        if summed:
+            log.info("round %d: update securely summed", upload.round_id)
+            self._pending.clear()
 
     def _train(self, header: pb.TaskHeader, payload: bytes, deadline: float) -> tuple[PendingUpload, float]:
         """Runs the method's round while heartbeating; returns the encoded update and the round's

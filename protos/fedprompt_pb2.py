@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/fedprompt.proto\x12\x0c\x66\x65\x64prompt.v1\"{\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12(\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x16.fedprompt.v1.Encoding\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\r\n\x05scale\x18\x06 \x01(\x01\"2\n\tTensorSet\x12%\n\x07tensors\x18\x01 \x03(\x0b\x32\x14.fedprompt.v1.Tensor\"3\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x13\n\x0b\x63lient_name\x18\x02 \x01(\t\"\xc4\x01\n\x0b\x45nrollReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x04 \x01(\x01\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x04\x12\x19\n\x11max_payload_bytes\x18\x06 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x07 \x01(\x04\x12\x18\n\x10\x63lient_timeout_s\x18\x08 \x01(\x01\"5\n\x10HeartbeatRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x04\"Y\n\x0eHeartbeatReply\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\x12\x12\n\nround_open\x18\x02 \x01(\x08\x12\x15\n\rdeadline_in_s\x18\x03 \x01(\x01\"\"\n\x0fPullTaskRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"\xda\x02\n\nTaskHeader\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.fedprompt.v1.TaskStatus\x12\x15\n\rretry_after_s\x18\x02 \x01(\x01\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x10\n\x08round_id\x18\x04 \x01(\x04\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\x15\n\rsettings_json\x18\x06 \x01(\t\x12\x15\n\rdeadline_unix\x18\x07 \x01(\x01\x12\x1c\n\x14heartbeat_interval_s\x18\x08 \x01(\x01\x12\x15\n\rpayload_bytes\x18\t \x01(\x04\x12\x14\n\x0ctotal_rounds\x18\n \x01(\x04\x12/\n\x0fupdate_encoding\x18\x0b \x01(\x0e\x32\x16.fedprompt.v1.Encoding\x12\x15\n\rdeadline_in_s\x18\x0c \x01(\x01\x12\x18\n\x10\x63lient_timeout_s\x18\r \x01(\x01\"O\n\tTaskChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedprompt.v1.TaskHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xd2\x02\n\x0cUpdateHeader\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x10\n\x08round_id\x18\x03 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x12\x38\n\x07metrics\x18\x05 \x03(\x0b\x32\'.fedprompt.v1.UpdateHeader.MetricsEntry\x12\x38\n\x07privacy\x18\x06 \x03(\x0b\x32\'.fedprompt.v1.UpdateHeader.PrivacyEntry\x12\x15\n\rpayload_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06method\x18\x08 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cPrivacyEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"S\n\x0bUpdateChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.fedprompt.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"4\n\x0fPushUpdateReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"%\n\x12\x46\x65tchGlobalRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"h\n\x0bModelHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x04\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\"Q\n\nModelChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.fedprompt.v1.ModelHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part*B\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46P32\x10\x01\x12\x08\n\x04\x46P16\x10\x02\x12\x08\n\x04INT8\x10\x03*L\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04WAIT\x10\x02\x12\x0c\n\x08\x46INISHED\x10\x03\x32\xf6\x02\n\nAggregator\x12@\n\x06\x45nroll\x12\x1b.fedprompt.v1.EnrollRequest\x1a\x19.fedprompt.v1.EnrollReply\x12I\n\tHeartbeat\x12\x1e.fedprompt.v1.HeartbeatRequest\x1a\x1c.fedprompt.v1.HeartbeatReply\x12\x44\n\x08PullTask\x12\x1d.fedprompt.v1.PullTaskRequest\x1a\x17.fedprompt.v1.TaskChunk0\x01\x12H\n\nPushUpdate\x12\x19.fedprompt.v1.UpdateChunk\x1a\x1d.fedprompt.v1.PushUpdateReply(\x01\x12K\n\x0b\x46\x65tchGlobal\x12 .fedprompt.v1.FetchGlobalRequest\x1a\x18.fedprompt.v1.ModelChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/fedprompt.proto\x12\x0c\x66\x65\x64prompt.v1\"{\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12(\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x16.fedprompt.v1.Encoding\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\r\n\x05scale\x18\x06 \x01(\x01\"2\n\tTensorSet\x12%\n\x07tensors\x18\x01 \x03(\x0b\x32\x14.fedprompt.v1.Tensor\"3\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x13\n\x0b\x63lient_name\x18\x02 \x01(\t\"\xc4\x01\n\x0b\x45nrollReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x04 \x01(\x01\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x04\x12\x19\n\x11max_payload_bytes\x18\x06 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x07 \x01(\x04\x12\x18\n\x10\x63lient_timeout_s\x18\x08 \x01(\x01\"5\n\x10HeartbeatRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x04\"Y\n\x0eHeartbeatReply\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\x12\x12\n\nround_open\x18\x02 \x01(\x08\x12\x15\n\rdeadline_in_s\x18\x03 \x01(\x01\"\"\n\x0fPullTaskRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"\x97\x03\n\nTaskHeader\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.fedprompt.v1.TaskStatus\x12\x15\n\rretry_after_s\x18\x02 \x01(\x01\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x10\n\x08round_id\x18\x04 \x01(\x04\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\x15\n\rsettings_json\x18\x06 \x01(\t\x12\x15\n\rdeadline_unix\x18\x07 \x01(\x01\x12\x1c\n\x14heartbeat_interval_s\x18\x08 \x01(\x01\x12\x15\n\rpayload_bytes\x18\t \x01(\x04\x12\x14\n\x0ctotal_rounds\x18\n \x01(\x04\x12/\n\x0fupdate_encoding\x18\x0b \x01(\x0e\x32\x16.fedprompt.v1.Encoding\x12\x15\n\rdeadline_in_s\x18\x0c \x01(\x01\x12\x18\n\x10\x63lient_timeout_s\x18\r \x01(\x01\x12;\n\x12secure_aggregation\x18\x0e \x01(\x0b\x32\x1f.fedprompt.v1.SecureAggregation\"\x9d\x01\n\x11SecureAggregation\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x11\n\tmember_id\x18\x02 \x01(\r\x12\x11\n\tthreshold\x18\x03 \x01(\r\x12\x0e\n\x06\x64\x65gree\x18\x04 \x01(\r\x12\x14\n\x0cmodulus_bits\x18\x05 \x01(\r\x12\x13\n\x0bvalue_bound\x18\x06 \x01(\x01\x12\x13\n\x0b\x65xample_cap\x18\x07 \x01(\x01\"O\n\tTaskChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedprompt.v1.TaskHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xd2\x02\n\x0cUpdateHeader\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x10\n\x08round_id\x18\x03 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x12\x38\n\x07metrics\x18\x05 \x03(\x0b\x32\'.fedprompt.v1.UpdateHeader.MetricsEntry\x12\x38\n\x07privacy\x18\x06 \x03(\x0b\x32\'.fedprompt.v1.UpdateHeader.PrivacyEntry\x12\x15\n\rpayload_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06method\x18\x08 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cPrivacyEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"S\n\x0bUpdateChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.fedprompt.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"4\n\x0fPushUpdateReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"%\n\x12\x46\x65tchGlobalRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"h\n\x0bModelHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x04\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\"Q\n\nModelChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.fedprompt.v1.ModelHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\")\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"\x8a\x02\n\rSecAggRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x10\n\x08round_id\x18\x03 \x01(\x04\x12\x12\n\nsession_id\x18\x04 \x01(\x0c\x12\x0c\n\x04step\x18\x05 \x01(\r\x12\x0f\n\x07message\x18\x06 \x01(\x0c\x12(\n\x06layout\x18\x07 \x03(\x0b\x32\x18.fedprompt.v1.TensorSpec\x12\x39\n\x07privacy\x18\x08 \x03(\x0b\x32(.fedprompt.v1.SecAggRequest.PrivacyEntry\x1a.\n\x0cPrivacyEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x88\x01\n\x0bSecAggReply\x12*\n\x06status\x18\x01 \x01(\x0e\x32\x1a.fedprompt.v1.SecAggStatus\x12\x0f\n\x07message\x18\x02 \x01(\x0c\x12\x15\n\rretry_after_s\x18\x03 \x01(\x01\x12\x15\n\rdeadline_in_s\x18\x04 \x01(\x01\x12\x0e\n\x06reason\x18\x05 \x01(\t*B\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46P32\x10\x01\x12\x08\n\x04\x46P16\x10\x02\x12\x08\n\x04INT8\x10\x03*L\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04WAIT\x10\x02\x12\x0c\n\x08\x46INISHED\x10\x03*w\n\x0cSecAggStatus\x12\x1d\n\x19SECAGG_STATUS_UNSPECIFIED\x10\x00\x12\x12\n\x0eSECAGG_PENDING\x10\x01\x12\x0f\n\x0bSECAGG_NEXT\x10\x02\x12\x0f\n\x0bSECAGG_DONE\x10\x03\x12\x12\n\x0eSECAGG_ABORTED\x10\x04\x32\xbc\x03\n\nAggregator\x12@\n\x06\x45nroll\x12\x1b.fedprompt.v1.EnrollRequest\x1a\x19.fedprompt.v1.EnrollReply\x12I\n\tHeartbeat\x12\x1e.fedprompt.v1.HeartbeatRequest\x1a\x1c.fedprompt.v1.HeartbeatReply\x12\x44\n\x08PullTask\x12\x1d.fedprompt.v1.PullTaskRequest\x1a\x17.fedprompt.v1.TaskChunk0\x01\x12H\n\nPushUpdate\x12\x19.fedprompt.v1.UpdateChunk\x1a\x1d.fedprompt.v1.PushUpdateReply(\x01\x12K\n\x0b\x46\x65tchGlobal\x12 .fedprompt.v1.FetchGlobalRequest\x1a\x18.fedprompt.v1.ModelChunk0\x01\x12\x44\n\nSecAggStep\x12\x1b.fedprompt.v1.SecAggRequest\x1a\x19.fedprompt.v1.SecAggReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_UPDATEHEADER_PRIVACYENTRY']._loaded_options = None
   _globals['_UPDATEHEADER_PRIVACYENTRY']._serialized_options = b'8\001'
-  _globals['_ENCODING']._serialized_start=1789
-  _globals['_ENCODING']._serialized_end=1855
-  _globals['_TASKSTATUS']._serialized_start=1857
-  _globals['_TASKSTATUS']._serialized_end=1933
+  _globals['_SECAGGREQUEST_PRIVACYENTRY']._loaded_options = None
+  _globals['_SECAGGREQUEST_PRIVACYENTRY']._serialized_options = b'8\001'
+  _globals['_ENCODING']._serialized_start=2461
+  _globals['_ENCODING']._serialized_end=2527
+  _globals['_TASKSTATUS']._serialized_start=2529
+  _globals['_TASKSTATUS']._serialized_end=2605
+  _globals['_SECAGGSTATUS']._serialized_start=2607
+  _globals['_SECAGGSTATUS']._serialized_end=2726
   _globals['_TENSOR']._serialized_start=40
   _globals['_TENSOR']._serialized_end=163
   _globals['_TENSORSET']._serialized_start=165
@@ -54,25 +58,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PULLTASKREQUEST']._serialized_start=615
   _globals['_PULLTASKREQUEST']._serialized_end=649
   _globals['_TASKHEADER']._serialized_start=652
-  _globals['_TASKHEADER']._serialized_end=998
-  _globals['_TASKCHUNK']._serialized_start=1000
-  _globals['_TASKCHUNK']._serialized_end=1079
-  _globals['_UPDATEHEADER']._serialized_start=1082
-  _globals['_UPDATEHEADER']._serialized_end=1420
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1326
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1372
-  _globals['_UPDATEHEADER_PRIVACYENTRY']._serialized_start=1374
-  _globals['_UPDATEHEADER_PRIVACYENTRY']._serialized_end=1420
-  _globals['_UPDATECHUNK']._serialized_start=1422
-  _globals['_UPDATECHUNK']._serialized_end=1505
-  _globals['_PUSHUPDATEREPLY']._serialized_start=1507
-  _globals['_PUSHUPDATEREPLY']._serialized_end=1559
-  _globals['_FETCHGLOBALREQUEST']._serialized_start=1561
-  _globals['_FETCHGLOBALREQUEST']._serialized_end=1598
-  _globals['_MODELHEADER']._serialized_start=1600
-  _globals['_MODELHEADER']._serialized_end=1704
-  _globals['_MODELCHUNK']._serialized_start=1706
-  _globals['_MODELCHUNK']._serialized_end=1787
-  _globals['_AGGREGATOR']._serialized_start=1936
-  _globals['_AGGREGATOR']._serialized_end=2310
+  _globals['_TASKHEADER']._serialized_end=1059
+  _globals['_SECUREAGGREGATION']._serialized_start=1062
+  _globals['_SECUREAGGREGATION']._serialized_end=1219
+  _globals['_TASKCHUNK']._serialized_start=1221
+  _globals['_TASKCHUNK']._serialized_end=1300
+  _globals['_UPDATEHEADER']._serialized_start=1303
+  _globals['_UPDATEHEADER']._serialized_end=1641
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1547
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1593
+  _globals['_UPDATEHEADER_PRIVACYENTRY']._serialized_start=1595
+  _globals['_UPDATEHEADER_PRIVACYENTRY']._serialized_end=1641
+  _globals['_UPDATECHUNK']._serialized_start=1643
+  _globals['_UPDATECHUNK']._serialized_end=1726
+  _globals['_PUSHUPDATEREPLY']._serialized_start=1728
+  _globals['_PUSHUPDATEREPLY']._serialized_end=1780
+  _globals['_FETCHGLOBALREQUEST']._serialized_start=1782
+  _globals['_FETCHGLOBALREQUEST']._serialized_end=1819
+  _globals['_MODELHEADER']._serialized_start=1821
+  _globals['_MODELHEADER']._serialized_end=1925
+  _globals['_MODELCHUNK']._serialized_start=1927
+  _globals['_MODELCHUNK']._serialized_end=2008
+  _globals['_TENSORSPEC']._serialized_start=2010
+  _globals['_TENSORSPEC']._serialized_end=2051
+  _globals['_SECAGGREQUEST']._serialized_start=2054
+  _globals['_SECAGGREQUEST']._serialized_end=2320
+  _globals['_SECAGGREQUEST_PRIVACYENTRY']._serialized_start=1595
+  _globals['_SECAGGREQUEST_PRIVACYENTRY']._serialized_end=1641
+  _globals['_SECAGGREPLY']._serialized_start=2323
+  _globals['_SECAGGREPLY']._serialized_end=2459
+  _globals['_AGGREGATOR']._serialized_start=2729
+  _globals['_AGGREGATOR']._serialized_end=3173
 # @@protoc_insertion_point(module_scope)

@@ -59,6 +59,11 @@ class AggregatorStub:
                 request_serializer=protos_dot_fedprompt__pb2.FetchGlobalRequest.SerializeToString,
                 response_deserializer=protos_dot_fedprompt__pb2.ModelChunk.FromString,
                 _registered_method=True)
+        self.SecAggStep = channel.unary_unary(
+                '/fedprompt.v1.Aggregator/SecAggStep',
+                request_serializer=protos_dot_fedprompt__pb2.SecAggRequest.SerializeToString,
+                response_deserializer=protos_dot_fedprompt__pb2.SecAggReply.FromString,
+                _registered_method=True)
 
 
 class AggregatorServicer:
@@ -99,6 +104,14 @@ class AggregatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SecAggStep(self, request, context):
+        """One step of secure aggregation, in a round whose task carries `secure_aggregation`: the
+        client's message of the step, or none to ask again for the server's answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +139,11 @@ def add_AggregatorServicer_to_server(servicer, server):
                     servicer.FetchGlobal,
                     request_deserializer=protos_dot_fedprompt__pb2.FetchGlobalRequest.FromString,
                     response_serializer=protos_dot_fedprompt__pb2.ModelChunk.SerializeToString,
+            ),
+            'SecAggStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAggStep,
+                    request_deserializer=protos_dot_fedprompt__pb2.SecAggRequest.FromString,
+                    response_serializer=protos_dot_fedprompt__pb2.SecAggReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +281,33 @@ class Aggregator:
             '/fedprompt.v1.Aggregator/FetchGlobal',
             protos_dot_fedprompt__pb2.FetchGlobalRequest.SerializeToString,
             protos_dot_fedprompt__pb2.ModelChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAggStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedprompt.v1.Aggregator/SecAggStep',
+            protos_dot_fedprompt__pb2.SecAggRequest.SerializeToString,
+            protos_dot_fedprompt__pb2.SecAggReply.FromString,
             options,
             channel_credentials,
             insecure,

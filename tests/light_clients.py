@@ -3,12 +3,16 @@ enrolment, polling, heartbeats, backoff, saved uploads, TLS) driving a method th
 prepared update instead of training. One process runs several clients, one thread each:
 
     python tests/light_clients.py --aggregator 127.0.0.1:PORT --tokens FILE --state-dir DIR \\
-        [--first 0 --count 50] [--train-s 0.5]
+        [--first 0 --count 50] [--train-s 0.5] [--crash-round R --crash-after-step S]
 
 Client i (line i of FILE, counted from 0) sends ctx = (the ctx it received, or zeros) +
 `prepared_delta(i, round)` with `examples(i)` examples, so `expected_global` can recompute every
 committed round from the store. Every line printed starts with the client's thread name,
 `client-I`, and the tests read "client-I trained round R" and "client-I round R: update accepted".
+
+With --crash-round R and --crash-after-step S, the process exits at once (no cleanup, like kill -9)
+as soon as the aggregator has taken its secure-aggregation message of step S in round R: a client
+dropping out between two steps. Give each such client its own process.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -28,9 +33,11 @@ from edge_client.methods.base import ClientMethod, RoundResult, RoundTask
 from edge_client.runtime import AggregatorLink, ClientError, ClientRuntime
 from edge_client.tls import channel_security
 from fedprompt.common.codec import decode_tensor_set, encode_tensor_set
+from protos import fedprompt_pb2 as pb
 
 log = logging.getLogger("fedprompt.client")
 SHAPE = (4, 8)
+CRASH_EXIT = 17
 
 
 def examples(index: int) -> int:
@@ -79,9 +86,42 @@ class PreparedUpdate(ClientMethod):
         return RoundResult(tensors, examples(self.index), {"accuracy": 0.5})
 
 
+class CrashAfterStep:
+    """The real stub, except that the process dies right after SecAggStep took the message of
+    (round, step)."""
+
+    def __init__(self, stub: object, round_id: int, step: int) -> None:
+        self._stub, self._when = stub, (round_id, step)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stub, name)
+
+    def SecAggStep(self, request: pb.SecAggRequest, **kwargs: object) -> pb.SecAggReply:
+        reply = self._stub.SecAggStep(request, **kwargs)
+        if request.message and (request.round_id, request.step) == self._when:
+            log.info("crashing after step %d of round %d", request.step, request.round_id)
+            sys.stdout.flush()
+            os._exit(CRASH_EXIT)
+        return reply
+
+
+class CrashingLink(AggregatorLink):
+    def __init__(self, *args: object, crash: tuple[int, int] | None, **kwargs: object) -> None:
+        self.crash = crash
+        super().__init__(*args, **kwargs)
+
+    def _open(self) -> None:
+        super()._open()
+        if self.crash is not None:
+            self.stub = CrashAfterStep(self.stub, *self.crash)
+
+
 def run_client(index: int, token: str, args: argparse.Namespace, failures: list[int]) -> None:
     security = channel_security(args.aggregator, args.ca_cert, args.client_cert, args.client_key)
-    link = AggregatorLink(args.aggregator, patience_s=args.patience, rpc_timeout_s=10.0, security=security)
+    crash = None if args.crash_round is None else (args.crash_round, args.crash_after_step)
+    link = CrashingLink(
+        args.aggregator, patience_s=args.patience, rpc_timeout_s=10.0, security=security, crash=crash
+    )
     method = PreparedUpdate(index, args.train_s, tuple(args.shape))
     runtime = ClientRuntime(
         link, lambda _: method, args.state_dir / f"client-{index}", token, f"light-{index}"
@@ -106,6 +146,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-s", type=float, default=0.0, help="seconds each round 'trains'")
     parser.add_argument("--shape", type=int, nargs="+", default=list(SHAPE), help="shape of ctx")
     parser.add_argument("--patience", type=float, default=60.0, help="give up after this long unreachable")
+    parser.add_argument("--crash-round", type=int, default=None, help="round in which to crash")
+    parser.add_argument("--crash-after-step", type=int, default=0, help="secure step after which to crash")
     parser.add_argument("--ca-cert", type=Path, default=None)
     parser.add_argument("--client-cert", type=Path, default=None)
     parser.add_argument("--client-key", type=Path, default=None)

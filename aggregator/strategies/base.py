@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from aggregator.strategies.combine import UpdateCombiner
+from fedprompt.common.secure_round import WeightedSum
 
 
 @dataclass
@@ -28,9 +29,17 @@ class ServerStrategy(ABC):
 
     Halves that average tensors do it through `self.combiner` (the configured mean or robust
     rule), so robustness is implemented once for all methods. Subclasses that override
-    `__init__` pass `combiner` on."""
+    `__init__` pass `combiner` on.
+
+    Halves that need only the weighted sum of the updates set `sums_suffice` and implement
+    `aggregate_sum`; the aggregator may then sum the updates by secure aggregation, and must when
+    `needs_secure_aggregation` is set. `weighs_by_examples` False makes every client weigh 1 in
+    that sum (the server then learns exact counts instead of example totals)."""
 
     name: ClassVar[str]
+    sums_suffice: ClassVar[bool] = False
+    needs_secure_aggregation: ClassVar[bool] = False
+    weighs_by_examples: ClassVar[bool] = True
 
     def __init__(self, settings: dict[str, Any], combiner: UpdateCombiner | None = None) -> None:
         self.settings = settings
@@ -60,6 +69,12 @@ class ServerStrategy(ABC):
         self, state: dict[str, np.ndarray], updates: list[ClientUpdate]
     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Combine the round's updates into the next global state; also return round metrics."""
+
+    def aggregate_sum(
+        self, state: dict[str, np.ndarray], total: WeightedSum
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Like `aggregate`, from the weighted sum of the round's updates alone (secure aggregation)."""
+        raise NotImplementedError(f"{self.name} needs the individual updates, not only their sum")
 
     def state_dict(self) -> dict[str, Any]:
         """Extra server-side state beyond the global tensors (pools, accountants); JSON-able."""

@@ -1,5 +1,6 @@
 """PromptFL's server half: FedAvg of the clients' new context vectors, weighted by example count
-(or the aggregator's configured robust rule, see `aggregator.strategies.combine`).
+(or the aggregator's configured robust rule, see `aggregator.strategies.combine`). The weighted
+mean needs only the weighted sum, so PromptFL also runs under secure aggregation.
 
 The global state is `{"ctx": [n_ctx, width]}`. Before round 1 it is empty, because the server does
 not know the text width of the clients' bundle: in round 1 every client initialises `ctx` itself
@@ -12,6 +13,7 @@ import numpy as np
 
 from aggregator.strategies import register
 from aggregator.strategies.base import ClientUpdate, ServerStrategy
+from fedprompt.common.secure_round import WeightedSum
 
 
 @register
@@ -20,6 +22,7 @@ class PromptFLStrategy(ServerStrategy):
     (noised first under client DP)."""
 
     name = "promptfl"
+    sums_suffice = True
 
     def initial_state(self) -> dict[str, np.ndarray]:
         return {}
@@ -28,8 +31,18 @@ class PromptFLStrategy(ServerStrategy):
         self, state: dict[str, np.ndarray], updates: list[ClientUpdate]
     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         new_state, metrics = self.combiner.combine(self.update_reference(state), updates)
-        for name, tensor in new_state.items():
-            metrics[f"{name}_change_l2"] = (
-                float(np.linalg.norm(tensor - state[name])) if name in state else 0.0
-            )
-        return new_state, metrics
+        return new_state, {**metrics, **_changes(state, new_state)}
+
+    def aggregate_sum(
+        self, state: dict[str, np.ndarray], total: WeightedSum
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        new_state = {name: (t / total.weight).astype(np.float32) for name, t in total.tensors.items()}
+        return new_state, _changes(state, new_state)
+
+
+def _changes(state: dict[str, np.ndarray], new_state: dict[str, np.ndarray]) -> dict[str, float]:
+    """L2 change of every global tensor (0 for one that is new this round)."""
+    return {
+        f"{name}_change_l2": float(np.linalg.norm(tensor - state[name])) if name in state else 0.0
+        for name, tensor in new_state.items()
+    }
