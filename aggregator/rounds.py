@@ -447,8 +447,8 @@ class RoundCoordinator:
                 return session.result is not None
         if session is not None and not session.failure_logged:
             session.failure_logged = True
-            round_id, attempt = current.round_id, current.attempts
-            log.warning("round %d: secure aggregation attempt %d failed: %s", round_id, attempt, session.failure)
+            round_id, attempt, failure = current.round_id, current.attempts, session.failure
+            log.warning("round %d: secure aggregation attempt %d failed: %s", round_id, attempt, failure)
         self._start_secure_attempt(current, live)
         return False
 
