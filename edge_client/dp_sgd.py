@@ -21,7 +21,7 @@ from opacus.optimizers import DPOptimizer
 from torch.func import grad, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from edge_client.training import TextEncoder, TrainStats, class_logits, make_optimizer
+from edge_client.training import StepHook, TextEncoder, TrainStats, class_logits, make_optimizer
 from fedprompt.common.settings import TrainingSettings
 
 VMAP_CHUNK = 8  # examples per batched backward pass: bounds memory on large towers
@@ -74,14 +74,19 @@ def train_dp_sgd(
     settings: TrainingSettings,
     sample_rate: float,
     steps: int,
+    before_step: StepHook | None = None,
 ) -> tuple[torch.Tensor, TrainStats]:
     """`steps` DP-SGD steps on Poisson batches of rate `sample_rate`. The caller accounts for them
-    (sigma = settings.noise_multiplier, q = sample_rate, steps) before calling."""
+    (sigma = settings.noise_multiplier, q = sample_rate, steps) before calling.
+
+    `ctx` may pack several tensors into one vector (`encode` unpacks them): each example's gradient
+    is then clipped over all of them jointly. `before_step` may re-parametrise it in place before
+    every step; being a function of the previous (noised) iterate only, it is post-processing."""
     parameter = torch.nn.Parameter(ctx.detach().clone())
     noise = secret_generator()
     sampling = secret_generator()
     optimizer = DPOptimizer(
-        make_optimizer(parameter, settings),
+        make_optimizer([parameter], settings),
         noise_multiplier=settings.noise_multiplier,
         max_grad_norm=settings.clip,
         expected_batch_size=max(1, round(sample_rate * len(labels))),
@@ -89,6 +94,9 @@ def train_dp_sgd(
     )
     stats = TrainStats()
     for _ in range(steps):
+        if before_step is not None:
+            with torch.no_grad():
+                before_step(parameter)
         batch = torch.nonzero(torch.rand(len(labels), generator=sampling) < sample_rate).flatten()
         if len(batch):
             grads, losses, logits = per_example_gradients(

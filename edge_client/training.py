@@ -8,7 +8,7 @@ class prompts through the text tower, whatever the batch size.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from fedprompt.common.settings import TrainingSettings
 
 TextEncoder = Callable[[torch.Tensor], torch.Tensor]  # ctx [n_ctx, W] -> text features [K, D]
+BatchLoss = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # batch indices -> (loss, logits)
+StepHook = Callable[[torch.Tensor], None]  # sees the trained tensor before each step, may change it in place
 
 
 def normalise(features: torch.Tensor) -> torch.Tensor:
@@ -42,12 +44,12 @@ def prompt_loss(
     return F.cross_entropy(logits, labels), logits
 
 
-def make_optimizer(parameter: torch.Tensor, settings: TrainingSettings) -> torch.optim.Optimizer:
-    """The optimiser the settings name, over the one trainable tensor."""
+def make_optimizer(parameters: Sequence[torch.Tensor], settings: TrainingSettings) -> torch.optim.Optimizer:
+    """The optimiser the settings name, over the trainable tensors."""
     if settings.optimizer == "adam":
-        return torch.optim.Adam([parameter], lr=settings.lr, weight_decay=settings.weight_decay)
+        return torch.optim.Adam(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
     return torch.optim.SGD(
-        [parameter], lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+        parameters, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
 
 
@@ -75,6 +77,28 @@ class TrainStats:
         }
 
 
+def train_steps(
+    parameters: Sequence[torch.Tensor],
+    batch_loss: BatchLoss,
+    labels: torch.Tensor,
+    settings: TrainingSettings,
+    generator: torch.Generator,
+) -> TrainStats:
+    """Non-private optimisation of any trainable tensors under any loss (methods with more than a
+    prompt, e.g. a gating network, train through this): `local_epochs` passes over shuffled batches."""
+    optimizer = make_optimizer(parameters, settings)
+    stats = TrainStats()
+    for _ in range(settings.local_epochs):
+        order = torch.randperm(len(labels), generator=generator)
+        for batch in order.split(settings.batch_size):
+            loss, logits = batch_loss(batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            stats.add(loss.detach(), logits.detach(), labels[batch])
+    return stats
+
+
 def train_plain(
     ctx: torch.Tensor,
     encode: TextEncoder,
@@ -83,19 +107,21 @@ def train_plain(
     logit_scale: float,
     settings: TrainingSettings,
     generator: torch.Generator,
+    before_step: StepHook | None = None,
 ) -> tuple[torch.Tensor, TrainStats]:
-    """Non-private local training: `local_epochs` passes over shuffled batches. Returns the new ctx."""
+    """Non-private local training of a context under CoOp's loss. Returns the new ctx.
+
+    `ctx` may be any tensor that `encode` maps to class text features (a method's parts packed
+    into one vector); `before_step` may re-parametrise it in place before every step."""
     parameter = ctx.detach().clone().requires_grad_(True)
-    optimizer = make_optimizer(parameter, settings)
-    stats = TrainStats()
-    for _ in range(settings.local_epochs):
-        order = torch.randperm(len(labels), generator=generator)
-        for batch in order.split(settings.batch_size):
-            loss, logits = prompt_loss(parameter, encode, image_features[batch], labels[batch], logit_scale)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            stats.add(loss.detach(), logits.detach(), labels[batch])
+
+    def batch_loss(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if before_step is not None:
+            with torch.no_grad():
+                before_step(parameter)
+        return prompt_loss(parameter, encode, image_features[batch], labels[batch], logit_scale)
+
+    stats = train_steps([parameter], batch_loss, labels, settings, generator)
     return parameter.detach(), stats
 
 

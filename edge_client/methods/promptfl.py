@@ -15,17 +15,14 @@ outside it (documented, not hidden).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from edge_client.dp_sgd import train_dp_sgd
-from edge_client.local_privacy import LocalAccountant, round_cost
 from edge_client.methods import register
 from edge_client.methods.base import ClientMethod, RoundResult, RoundTask
-from edge_client.prompts import initial_context
+from edge_client.methods.round_parts import client_level_upload, global_context, paid_round, round_generator
 from edge_client.training import accuracy, train_plain
-from edge_client.workspace import ClientWorkspace, WorkspaceError
-from fedprompt.common.privacy import client_level_mechanism, secure_rng
+from edge_client.workspace import ClientWorkspace
 from fedprompt.common.settings import TrainingSettings
 
 
@@ -38,13 +35,7 @@ class PromptFLClient(ClientMethod):
 
     def start_context(self, task: RoundTask, settings: TrainingSettings) -> torch.Tensor:
         """The global ctx of the task, or the shared seeded initialisation in round 1."""
-        expected = (settings.n_ctx, self.workspace.text_width)
-        if "ctx" not in task.tensors:
-            return initial_context(*expected, settings.ctx_init_std, settings.seed)
-        ctx = task.tensors["ctx"]
-        if tuple(ctx.shape) != expected:
-            raise WorkspaceError(f"global ctx has shape {tuple(ctx.shape)} but this bundle needs {expected}")
-        return torch.from_numpy(np.asarray(ctx, np.float32))
+        return global_context(task, settings, self.workspace.text_width)
 
     def run_round(self, task: RoundTask) -> RoundResult:
         settings = TrainingSettings.from_dict(task.settings)
@@ -52,28 +43,21 @@ class PromptFLClient(ClientMethod):
         train, evaluation, scale = ws.train, ws.evaluation, ws.logit_scale
         encode = ws.text_encoder(settings.n_ctx)
         start = self.start_context(task, settings)
-        cost = round_cost(settings, len(train))
-        accountant = LocalAccountant(ws.state_dir, settings)
-        if cost is not None:
-            accountant.spend(cost)  # refuses before any training if the budget cannot afford it
-        order = torch.Generator().manual_seed(settings.seed * 1_000_003 + task.round_id)
+        accountant, cost = paid_round(ws, settings)
         if settings.dp == "sample":
             new, stats = train_dp_sgd(
                 start, encode, train.features, train.labels, scale, settings, cost.sample_rate, cost.steps
             )
         else:
+            order = round_generator(settings, task.round_id)
             new, stats = train_plain(start, encode, train.features, train.labels, scale, settings, order)
-        upload = new.numpy()
-        if settings.dp == "client":
-            update = {"ctx": upload - start.numpy()}
-            noised, _ = client_level_mechanism(update, settings.clip, settings.noise_multiplier, secure_rng())
-            upload = start.numpy() + noised["ctx"]
+        upload = client_level_upload(start, new, settings)
         metrics = stats.metrics()
         if len(evaluation):
             metrics["accuracy"] = accuracy(torch.from_numpy(upload), encode, *evaluation.tensors(), scale)
             metrics["received_accuracy"] = accuracy(start, encode, *evaluation.tensors(), scale)
         return RoundResult(
-            tensors={"ctx": upload.astype(np.float32)},
+            tensors={"ctx": upload},
             num_examples=len(train),
             metrics=metrics,
             privacy=accountant.report(cost),

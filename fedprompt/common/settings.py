@@ -31,6 +31,13 @@ class TrainingSettings:
     `clip`, noise std `noise_multiplier * clip` on each step's gradient sum, Poisson sampling with
     rate batch_size / local examples. `epsilon_budget` (None = no limit) makes a client refuse a
     round whose accounting would exceed it at `delta`.
+
+    Method-specific settings (ignored by the other methods): DP-FPL's `rank` of the local prompt's
+    low-rank part, and its server-side global DP (each client's global-prompt update clipped to
+    `global_clip`, noise of std `global_noise_multiplier * global_clip` on their sum; 0 = off);
+    pFedMoAP's `experts` (K prompts mixed per class: the local one and K-1 downloaded),
+    `mixture_lambda` (weight of the local logits) and its gating network (`gating_dim`,
+    `gating_heads`, `gating_scaling` of the attention scores).
     """
 
     n_ctx: int = 16
@@ -48,6 +55,14 @@ class TrainingSettings:
     delta: float = 1e-5
     epsilon_budget: float | None = None
     accountant: str = "rdp"
+    rank: int = 8
+    global_clip: float = 1.0
+    global_noise_multiplier: float = 0.0
+    experts: int = 10
+    mixture_lambda: float = 0.5
+    gating_dim: int = 128
+    gating_heads: int = 8
+    gating_scaling: float = 10.0
 
     def __post_init__(self) -> None:
         self._check(self.n_ctx >= 1, "n_ctx", "must be at least 1")
@@ -67,6 +82,16 @@ class TrainingSettings:
         budget = self.epsilon_budget
         self._check(budget is None or budget > 0, "epsilon_budget", "must be positive (or null for none)")
         self._check(self.accountant in ACCOUNTANTS, "accountant", f"must be one of {', '.join(ACCOUNTANTS)}")
+        self._check(self.rank >= 1, "rank", "must be at least 1")
+        self._check(self.global_clip > 0, "global_clip", "must be positive")
+        self._check(self.global_noise_multiplier >= 0, "global_noise_multiplier", "must be >= 0 (0 = off)")
+        self._check(self.experts >= 1, "experts", "must be at least 1")
+        self._check(self.mixture_lambda >= 0, "mixture_lambda", "must be >= 0")
+        self._check(self.gating_heads >= 1, "gating_heads", "must be at least 1")
+        self._check(self.gating_dim >= 1, "gating_dim", "must be at least 1")
+        divisible = self.gating_dim % self.gating_heads == 0
+        self._check(divisible, "gating_dim", "must be a multiple of gating_heads")
+        self._check(self.gating_scaling > 0, "gating_scaling", "must be positive")
 
     @staticmethod
     def _check(ok: bool, name: str, requirement: str) -> None:

@@ -1,0 +1,126 @@
+"""pFedMoAP, client half (seed 003, Luo et al.): a local prompt mixed with downloaded non-local
+prompt experts by a local attention gating network (`edge_client.methods.moe_gating`).
+
+A round: the local prompt starts at the received global prompt (the server's FedAvg; round 1:
+the shared seeded CoOp initialisation); the task may also carry `experts` [E, n_ctx, W], the K-1
+pool prompts nearest to this client's last upload (none on a client's first round, which then
+trains its prompt alone, as in pFedMoAP). The experts' text features are computed once for the
+round, without gradients; the local prompt and the gating network train together under the
+mixture logits. What travels up: `{"ctx": [n_ctx, W]}`, the new local prompt (16 KB at 16x512 in
+fp16); under client-level DP it is clipped and noised like PromptFL's upload. The gating network
+never leaves the device: it is kept in the workspace's state folder across rounds and restarts.
+Sample-level DP-SGD is not offered: the gating network would need per-example gradients too.
+
+Metrics (in the clear, like every method's): `accuracy` of the device's personalised model (the
+trained local prompt, the experts and the gating network) on the local hold-out, and
+`received_accuracy` of the model the round starts from (the global prompt as local prompt, with
+this round's experts and the gating network as saved).
+
+Where fedprompt differs from the official code (ljaiverson/pFedMoAP): its KNN branch is broken
+(top-k on a list, a wrong index map; with 10 clients it silently uses all others); here the server
+picks exactly the K-1 nearest by L2 (`aggregator.strategies.expert_pool`). The official
+simulation re-encodes prompts through the full 77-token tower; here features are cut after EOT.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edge_client.methods import register
+from edge_client.methods.base import ClientMethod, RoundResult, RoundTask
+from edge_client.methods.local_state import load_tensors, save_tensors, state_file
+from edge_client.methods.moe_gating import AttentionGating, FeatureSubsampler, expert_features, mixture_logits
+from edge_client.methods.round_parts import client_level_upload, global_context, paid_round, round_generator
+from edge_client.training import train_steps
+from edge_client.workspace import ClientWorkspace, WorkspaceError
+from fedprompt.common.settings import SettingsError, TrainingSettings
+
+
+@register
+class PFedMoAPClient(ClientMethod):
+    name = "pfedmoap"
+
+    def __init__(self, workspace: ClientWorkspace) -> None:
+        self.workspace = workspace
+
+    def received_experts(self, task: RoundTask, settings: TrainingSettings) -> torch.Tensor | None:
+        """[E, n_ctx, W] with 1 <= E <= K-1, or None when the server sent no experts."""
+        if "experts" not in task.tensors:
+            return None
+        experts = task.tensors["experts"]
+        prompt = (settings.n_ctx, self.workspace.text_width)
+        if (
+            experts.ndim != 3
+            or tuple(experts.shape[1:]) != prompt
+            or not 1 <= len(experts) < settings.experts
+        ):
+            raise WorkspaceError(
+                f"received experts of shape {experts.shape}; expected [1..{settings.experts - 1}, {prompt}]"
+            )
+        return torch.from_numpy(np.asarray(experts, np.float32))
+
+    def gating(self, task: RoundTask, settings: TrainingSettings, width: int) -> AttentionGating:
+        """This device's gating network: the saved one, or a fresh seeded one."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.seed)
+            gating = AttentionGating(width, settings.gating_heads, settings.gating_scaling)
+        path = state_file(self.workspace.state_dir, self.name, task.run_id)
+        saved = load_tensors(path)
+        if saved:
+            try:
+                gating.load_state_dict({name: torch.from_numpy(t) for name, t in saved.items()})
+            except RuntimeError:
+                raise WorkspaceError(
+                    f"{path} holds a gating network of other settings; remove it knowingly"
+                ) from None
+        return gating
+
+    def run_round(self, task: RoundTask) -> RoundResult:
+        settings = TrainingSettings.from_dict(task.settings)
+        if settings.dp == "sample":
+            raise SettingsError('pfedmoap has no sample-level DP-SGD: set dp = "client" (or "none")')
+        ws = self.workspace
+        train, evaluation, scale = ws.train, ws.evaluation, ws.logit_scale
+        encode = ws.text_encoder(settings.n_ctx)
+        start = global_context(task, settings, ws.text_width)
+        received = self.received_experts(task, settings)
+        accountant, cost = paid_round(ws, settings)
+        subsample = FeatureSubsampler(ws.bundle.embed_dim, settings.gating_dim, settings.gating_heads)
+        gating = self.gating(task, settings, subsample.width)
+        experts = None if received is None else expert_features(encode, received, subsample)
+        ctx = start.clone().requires_grad_(True)
+
+        def logits_of(images: torch.Tensor) -> torch.Tensor:
+            text = encode(ctx)
+            return mixture_logits(images, text, experts, gating, subsample, scale, settings.mixture_lambda)
+
+        def batch_loss(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = logits_of(train.features[batch])
+            return F.cross_entropy(logits, train.labels[batch]), logits
+
+        @torch.no_grad()
+        def held_out_accuracy() -> float:
+            images, labels = evaluation.tensors()
+            return float((logits_of(images).argmax(dim=1) == labels).float().mean())
+
+        metrics: dict[str, float] = {"experts": 0.0 if received is None else float(len(received))}
+        if len(evaluation):
+            metrics["received_accuracy"] = held_out_accuracy()
+        trained = [ctx] if experts is None else [ctx, *gating.parameters()]
+        stats = train_steps(
+            trained, batch_loss, train.labels, settings, round_generator(settings, task.round_id)
+        )
+        if experts is not None:
+            gating_state = {name: t.detach().numpy() for name, t in gating.state_dict().items()}
+            save_tensors(state_file(ws.state_dir, self.name, task.run_id), gating_state)
+        metrics.update(stats.metrics())
+        if len(evaluation):
+            metrics["accuracy"] = held_out_accuracy()
+        return RoundResult(
+            tensors={"ctx": client_level_upload(start, ctx.detach(), settings)},
+            num_examples=len(train),
+            metrics=metrics,
+            privacy=accountant.report(cost),
+        )

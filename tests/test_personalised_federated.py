@@ -1,0 +1,99 @@
+"""DP-FPL and pFedMoAP end to end: a real aggregator daemon and two real client processes over
+loopback for two rounds. Only prompts cross the network (per-client upload sizes in the store); the
+personal parts (DP-FPL's local prompt, pFedMoAP's gating network) stay in the devices' state
+folders; DP-FPL's global DP epsilon is in the round metrics; pFedMoAP's pool is in the state."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from aggregator_process import AggregatorProcess, write_config
+from opacus.accountants.analysis import rdp as rdp_analysis
+from test_federated import client_command, closed_port, write_image_folder
+
+from aggregator.store import RoundRecord, SQLiteStore
+from aggregator.strategies.expert_pool import PromptPool
+from edge_client.methods.local_state import METHOD_STATE_DIR
+
+N_CTX, WIDTH = 4, 64  # the tiny test bundle's text width
+ROUNDS = {
+    "rounds": 2,
+    "min_clients": 2,
+    "min_fit": 2,
+    "min_updates": 2,
+    "round_timeout_s": 120.0,
+    "poll_interval_s": 0.2,
+    "heartbeat_interval_s": 1.0,
+    "client_timeout_s": 30.0,
+}
+ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+
+
+def check_dpfpl(records: list[RoundRecord], final: RoundRecord) -> None:
+    for record in records:  # global DP sigma_g = 2: accounted at sigma_g / 2 = 1, q = 1, once per round
+        rdp = rdp_analysis.compute_rdp(q=1.0, noise_multiplier=1.0, steps=record.round_id, orders=ORDERS)
+        epsilon = rdp_analysis.get_privacy_spent(orders=ORDERS, rdp=rdp, delta=1e-5)[0]
+        assert record.metrics["strategy"]["global_epsilon"] == pytest.approx(epsilon, rel=1e-9)
+        assert record.metrics["epsilon_max"] > 0  # the devices' local DP-SGD, reported by each
+
+
+def check_pfedmoap(records: list[RoundRecord], final: RoundRecord) -> None:
+    pool = PromptPool.from_json(final.strategy_state["prompt_pool"])
+    assert sorted(pool.prompts) == sorted(final.metrics["clients"])
+    assert all(prompt.shape == (N_CTX, WIDTH) for prompt in pool.prompts.values())
+    for client in records[1].clients:  # round 2: the global prompt and one expert (the other client)
+        assert client.bytes_down >= 2 * N_CTX * WIDTH * 4
+
+
+@pytest.mark.parametrize(
+    ("method", "training", "check"),
+    [
+        ("dpfpl", 'rank = 2\ndp = "sample"\nglobal_noise_multiplier = 2.0\nglobal_clip = 0.5\n', check_dpfpl),
+        ("pfedmoap", "experts = 3\n", check_pfedmoap),
+    ],
+)
+def test_two_client_processes_train_a_personalised_method_through_a_real_aggregator(
+    method: str, training: str, check, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    port = closed_port()
+    config = write_config(tmp_path / "aggregator.toml", ROUNDS, {"port": port})
+    config.write_text(
+        config.read_text()
+        + f'\n[method]\nname = "{method}"\n'
+        + f"\n[training]\nn_ctx = {N_CTX}\nbatch_size = 8\nlr = 0.01\n{training}"
+    )
+    state = tmp_path / "state.sqlite"
+    store = SQLiteStore(state)
+    tokens = [store.issue_token(f"device {i}") for i in range(2)]
+    store.close()
+    server = AggregatorProcess(config)  # first: it and two clients importing torch at once on 2 cores is slow
+    clients = []
+    for i, token in enumerate(tokens):
+        data = write_image_folder(tmp_path / f"d{i}", seed=i)
+        command = client_command(f"127.0.0.1:{port}", tiny_bundle, data, tmp_path / f"client{i}")
+        command += ["--token", token, "--connect-timeout", "120"]
+        clients.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        outputs = [client.communicate(timeout=300) for client in clients]
+        for client, (out, err) in zip(clients, outputs, strict=True):
+            assert client.returncode == 0, err[-3000:] + "\n--- aggregator ---\n" + server.log
+            assert "finished after round 2" in out
+        server.wait_for_log(r"round 2/2 committed: 2 clients")
+        assert server.terminate() == 0
+    finally:
+        for client in clients:
+            if client.poll() is None:
+                client.kill()
+        server.kill()
+
+    store = SQLiteStore(state, read_only=True)
+    records, final = store.rounds(), store.latest_round()
+    assert [r.round_id for r in records] == [1, 2] and all(len(r.clients) == 2 for r in records)
+    assert {name: t.shape for name, t in final.tensors.items()} == {"ctx": (N_CTX, WIDTH)}
+    for record in records:  # each upload is one fp16 prompt: no gating network, no local prompt
+        assert all(c.bytes_up <= N_CTX * WIDTH * 2 + 64 for c in record.clients)
+    for i in range(2):  # the personal parts live on the devices
+        assert len(list((tmp_path / f"client{i}" / METHOD_STATE_DIR).glob(f"{method}-*.tensors"))) == 1
+    check(records, final)
