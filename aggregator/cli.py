@@ -70,7 +70,9 @@ def serve(
     round_timeout: float | None,
 ) -> None:
     """Run the aggregator: wait for clients, run the rounds, then keep serving the final prompt
-    until SIGTERM/SIGINT. Restarting with the same config resumes from the last committed round."""
+    until SIGTERM/SIGINT. Restarting with the same config (even after kill -9) resumes the run,
+    and the open round with the updates it had accepted. Outside loopback it listens only with
+    TLS ([server] tls_cert/tls_key; `fedprompt aggregator certs` makes them)."""
     from aggregator.server import serve as run_daemon
 
     logging.basicConfig(

@@ -43,7 +43,8 @@ def client() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("fedprompt-client-state"),
     show_default=True,
-    help="Where the device keeps its enrolment, feature cache, privacy accountant and the final model.",
+    help="Where the device keeps its enrolment, feature cache, privacy accountant, an update not yet "
+    "delivered, and the final model.",
 )
 @click.option("--name", default=platform.node(), help="Device name shown in the aggregator's log.")
 @click.option(
