@@ -72,46 +72,48 @@ def _run_all(config: ExperimentConfig, out_dir: Path, progress: bool) -> Experim
     cache = out_dir / "cache"
     results = ExperimentResults(config, resolve_bundle(config.bundle, config.base_dir, cache))
     pools = load_pools(config.data, config.base_dir)
-    runs_dir = out_dir / "runs"
-    shutil.rmtree(runs_dir, ignore_errors=True)
+    shutil.rmtree(out_dir / "runs", ignore_errors=True)
     units = sum(1 if e.method == ZERO_SHOT else config.rounds.rounds for e in config.methods)
     with tqdm(total=units * len(config.seeds), desc=config.name, unit="round", disable=not progress) as bar:
         for seed in config.seeds:
             bar.set_postfix_str(f"seed {seed}: featurising clients")
             clients = seed_clients(pools, config.split, seed, results.bundle, cache, config.bundle.precision)
             results.splits[seed] = _describe_split(clients)
-            spent: dict[str, float] = {}
-            for entry in config.run_order():
-                bar.set_postfix_str(f"seed {seed}: {entry.label}")
-                run_started = time.perf_counter()
-                settings, calibration = _seeded_settings(entry, seed, clients, spent, config.rounds.rounds)
-                identity = {
-                    "experiment": config.name,
-                    "method": entry.label,
-                    "method_name": entry.method,
-                    "seed": seed,
-                    "split_id": clients.split_id,
-                    "noise_multiplier": settings.noise_multiplier if settings.dp != "none" else None,
-                }
-                run_dir = runs_dir / f"seed-{seed}" / _slug(config.methods.index(entry), entry.label)
-                rows = _run_entry(
-                    entry, settings, clients, config, run_dir, identity, lambda _: bar.update(1)
-                )
-                results.rows += rows
-                epsilons = [r["epsilon"] for r in rows if r["epsilon"] is not None]
-                if epsilons:
-                    spent[entry.label] = max(epsilons)
-                results.runs.append(
-                    RunSummary(
-                        entry.label,
-                        seed,
-                        time.perf_counter() - run_started,
-                        identity["noise_multiplier"],
-                        calibration,
-                    )
-                )
+            _run_seed(config, seed, clients, out_dir / "runs" / f"seed-{seed}", results, bar)
     results.seconds = time.perf_counter() - started
     return results
+
+
+def _run_seed(
+    config: ExperimentConfig,
+    seed: int,
+    clients: SeedClients,
+    seed_dir: Path,
+    results: ExperimentResults,
+    bar: tqdm,
+) -> None:
+    """Every entry on this seed's clients, an entry whose epsilon another matches first."""
+    spent: dict[str, float] = {}  # label -> largest epsilon its clients reported
+    for entry in config.run_order():
+        bar.set_postfix_str(f"seed {seed}: {entry.label}")
+        started = time.perf_counter()
+        settings, calibration = _seeded_settings(entry, seed, clients, spent, config.rounds.rounds)
+        noise = settings.noise_multiplier if settings.dp != "none" else None
+        identity = {
+            "experiment": config.name,
+            "method": entry.label,
+            "method_name": entry.method,
+            "seed": seed,
+            "split_id": clients.split_id,
+            "noise_multiplier": noise,
+        }
+        run_dir = seed_dir / _slug(config.methods.index(entry), entry.label)
+        rows = _run_entry(entry, settings, clients, config, run_dir, identity, lambda _: bar.update(1))
+        results.rows += rows
+        epsilons = [r["epsilon"] for r in rows if r["epsilon"] is not None]
+        if epsilons:
+            spent[entry.label] = max(epsilons)
+        results.runs.append(RunSummary(entry.label, seed, time.perf_counter() - started, noise, calibration))
 
 
 def _seeded_settings(

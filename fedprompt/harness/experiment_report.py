@@ -103,11 +103,15 @@ def _final_accuracy(results: ExperimentResults, label: str, metric: str) -> dict
 
 
 def _verdict(holds: bool, per_seed: list[bool]) -> str:
-    """'yes'/'no', and on how many seeds the claim comes out the same way."""
+    """'yes'/'no' from the mean over seeds, with how many seeds agree; 'inconclusive' when no more
+    than half of them do."""
     verdict = "yes" if holds else "no"
-    if len(per_seed) > 1:
-        verdict += f" ({sum(p == holds for p in per_seed)}/{len(per_seed)} seeds agree)"
-    return verdict
+    if len(per_seed) < 2:
+        return verdict
+    agree = sum(p == holds for p in per_seed)
+    if 2 * agree <= len(per_seed):
+        return f"inconclusive ({verdict} on the mean, {agree}/{len(per_seed)} seeds agree)"
+    return f"{verdict} ({agree}/{len(per_seed)} seeds agree)"
 
 
 def _signed(values: list[float]) -> str:

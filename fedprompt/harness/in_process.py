@@ -6,7 +6,9 @@ plays the rounds in its own driver thread exactly as in `fedprompt aggregator se
 update checks, the method's server half, one SQLite transaction per round); this module plays the
 clients: it polls the coordinator, decodes the task payload with the wire codec, runs the client
 half from `edge_client.methods`, encodes the update in the run's update encoding (so fp16
-rounding happens exactly as on the wire) and submits the bytes, which the coordinator counts.
+rounding happens exactly as on the wire) and submits the bytes, which the coordinator counts. A
+method that needs secure aggregation (SecFPP) gets it, and its updates are summed through the
+coordinator's SecAggStep logic (`fedprompt.harness.secure_clients`).
 
 Every client is always on and answers at once, so liveness and deadlines never bite: the in-process
 rules switch them off (huge timeouts) rather than simulate network time.
@@ -29,6 +31,7 @@ from edge_client.methods.registry import CLIENT_METHODS
 from edge_client.workspace import ClientWorkspace
 from fedprompt.common.codec import decode_tensor_set, encode_tensor_set
 from fedprompt.common.settings import TrainingSettings
+from fedprompt.harness.secure_clients import SecureUploads, secure_rules
 from fedprompt.harness.served_model import served_accuracies
 
 ALWAYS_ON_S = 1e9  # liveness and round timeouts of the in-process run: never reached
@@ -47,6 +50,7 @@ class FederationRules:
 
     def aggregator_config(self, method: str, settings: TrainingSettings, clients: int, state: Path):
         """The daemon's config for this run, checked by the daemon's own rules."""
+        secure, min_fit = secure_rules(method, clients, self.fraction)
         return AggregatorConfig(
             server=ServerConfig(
                 state=str(state), task_encoding=self.task_encoding, update_encoding=self.update_encoding
@@ -55,13 +59,14 @@ class FederationRules:
                 rounds=self.rounds,
                 min_clients=clients,
                 fraction=self.fraction,
-                min_fit=1,
+                min_fit=min_fit,
                 min_updates=1,
                 round_timeout_s=ALWAYS_ON_S,
                 client_timeout_s=ALWAYS_ON_S,
                 seed=self.seed,
             ),
             method=MethodConfig(method),
+            secure_aggregation=secure,
             training=settings,
         ).check()
 
@@ -118,8 +123,9 @@ def run_federated(
         clients = {cid: CLIENT_METHODS[method](ws) for cid, ws in zip(client_ids, workspaces, strict=True)}
         driver = _Driver(coordinator)
         driver.start()
+        uploads = SecureUploads(coordinator)
         try:
-            _play_clients(coordinator, sessions, clients, rules.update_encoding, driver, on_round)
+            _play_clients(coordinator, sessions, clients, rules.update_encoding, driver, uploads, on_round)
         finally:
             coordinator.stop()
             driver.join()
@@ -128,7 +134,7 @@ def run_federated(
         served = served_accuracies(
             coordinator, workspaces, client_ids, rules.task_encoding, state.parent / "served"
         )
-        return FederatedRun(store.rounds(), client_ids, served)
+        return FederatedRun(uploads.with_local_reports(store.rounds()), client_ids, served)
     finally:
         store.close()
 
@@ -139,6 +145,7 @@ def _play_clients(
     clients: dict[str, ClientMethod],
     update_encoding: str,
     driver: _Driver,
+    uploads: SecureUploads,
     on_round: Callable[[int], None] | None,
 ) -> None:
     """Poll as the devices do until the run is finished: train when told to, else wait briefly."""
@@ -147,9 +154,12 @@ def _play_clients(
     while not coordinator.finished:
         if not driver.is_alive():
             raise driver.error or RuntimeError("the in-process aggregator stopped before the run finished")
+        uploads.check()
         trained = False
         for client_id, session in sessions:
             coordinator.authenticate(session)  # a poll: keeps the client live, as over gRPC
+            if uploads.busy(client_id):
+                continue
             task = coordinator.next_task(client_id)
             if task.status != "train":
                 continue
@@ -163,6 +173,10 @@ def _play_clients(
             )
             result = clients[client_id].run_round(round_task)
             payload = encode_tensor_set(result.tensors, update_encoding)
+            trained = True
+            if task.secure is not None:
+                uploads.start(client_id, task, decode_tensor_set(payload), result)
+                continue
             coordinator.submit(
                 client_id,
                 coordinator.run_id,
@@ -172,7 +186,6 @@ def _play_clients(
                 _as_wire_map(result.privacy),
                 payload,
             )
-            trained = True
         reported = _report_commits(coordinator, reported, on_round)
         if not trained:
             time.sleep(IDLE_POLL_S)
