@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Sequence
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 from aggregator.store import SQLiteStore, StoreError
 from edge_client.bundle import Bundle, sha256_file
-from edge_client.datasets import load_fashion_mnist
+from edge_client.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
 from edge_client.training import accuracy
 from edge_client.workspace import ClientWorkspace
 from export.exporter import DEFAULT_OPSET, export_bundle
@@ -56,19 +57,25 @@ class DemoSettings:
     run_timeout_s: float = 900.0
 
 
+# Colour casts: the pretraining saw grayscale only, so zero-shot drops, yet one shared prompt can
+# compensate a cast (measured; a 25 degree rotation or low contrast + noise could not be fixed by a
+# shared text prompt here, so they stay available to the experiment harness but not the demo).
+DEMO_DOMAINS = ("tint-orange", "tint-red", "tint-yellow", "tint-cyan")
 FULL = DemoSettings(
-    split=SplitSettings(num_clients=8, alpha=0.1, max_train_per_client=400, eval_per_class=40, seed=0),
+    split=SplitSettings(
+        num_clients=8, alpha=0.1, shifts=DEMO_DOMAINS, max_train_per_client=400, eval_per_class=50, seed=0
+    ),
     training=TrainingSettings(
-        n_ctx=4,
+        n_ctx=16,
         lr=0.01,
         local_epochs=2,
         batch_size=32,
         dp="client",
-        clip=0.2,
+        clip=1.0,
         noise_multiplier=1.0,
         delta=1e-5,
     ),
-    rounds=10,
+    rounds=15,
 )
 QUICK = replace(
     FULL,
@@ -300,7 +307,10 @@ def run_demo(settings: DemoSettings, workdir: Path) -> dict[str, Any]:
     click.echo(f"[2/5] splitting Fashion-MNIST over {settings.split.num_clients} clients")
     clients = prepare_clients(workdir, bundle, settings.split)
     for client in clients:
-        click.echo(f"  {client.name}: domain {client.shift:<14} train labels {client.label_counts}")
+        counts = ", ".join(
+            f"{n} {c}" for n, c in zip(FASHION_MNIST_CLASSES, client.label_counts, strict=True) if c
+        )
+        click.echo(f"  {client.name}: domain {client.shift:<12} train images per class: {counts}")
     click.echo(
         f"[3/5] federated PromptFL, {settings.rounds} rounds, client-level local DP "
         f"(clip {settings.training.clip}, noise multiplier {settings.training.noise_multiplier})"
@@ -315,6 +325,8 @@ def run_demo(settings: DemoSettings, workdir: Path) -> dict[str, Any]:
         "zero_shot_accuracy": float(np.mean(zero_shot)),
         "local_only_accuracy": float(np.mean(local_only)),
         "final_accuracy": float(np.mean(final)),
+        # DP noise makes the global prompt's accuracy move from round to round: report a steadier view too
+        "final_accuracy_mean_last_3_rounds": float(np.mean([r["held_out_accuracy"] for r in rounds[-3:]])),
         "rounds": len(rounds),
         "epsilon": epsilon,
         "delta": delta,
@@ -360,6 +372,10 @@ def run_demo(settings: DemoSettings, workdir: Path) -> dict[str, Any]:
     return report
 
 
+def stop_on_sigterm(signum: int, frame: object) -> None:
+    raise click.Abort()
+
+
 @click.command("demo")
 @click.option(
     "--json",
@@ -389,6 +405,7 @@ def demo(json_path: Path | None, quick: bool, workdir: Path | None) -> None:
     DP, and compares the final prompt with zero-shot and local-only training.
     """
     settings = QUICK if quick else FULL
+    signal.signal(signal.SIGTERM, stop_on_sigterm)  # so that `finally` stops the child processes
     temporary = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="fedprompt-demo-")) if temporary else workdir
     workdir.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,9 @@ from pathlib import Path
 import click
 
 LISTENING = re.compile(r"listening on [\w.\-\[\]:]*?:(\d+)")
+# Many clients share one machine here: one math thread each avoids oversubscribing the cores
+# (with torch's default of one thread per core, eight clients on two cores ran ~10x slower).
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def fedprompt_command() -> list[str]:
@@ -38,7 +41,7 @@ class ChildProcess:
             [*fedprompt_command(), *args],
             stdout=self._stream,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1"},
         )
 
     def failed(self) -> str | None:

@@ -69,6 +69,9 @@ DOMAIN_SHIFTS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]
     "tint-orange": tinted((1.0, 0.7, 0.35)),
     "tint-blue": tinted((0.35, 0.7, 1.0)),
     "tint-green": tinted((0.45, 1.0, 0.45)),
+    "tint-red": tinted((1.0, 0.45, 0.3)),
+    "tint-yellow": tinted((1.0, 0.95, 0.3)),
+    "tint-cyan": tinted((0.3, 0.95, 1.0)),
 }
 
 
