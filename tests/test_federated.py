@@ -70,6 +70,34 @@ def client_command(address: str, bundle: Path, data: Path, state: Path, *extra: 
     return [FEDPROMPT, "client", "run", *options, *extra]
 
 
+def start_clients(port: int, bundle: Path, tokens: list[str], tmp_path: Path) -> list[subprocess.Popen]:
+    """One real `fedprompt client run` process per token, each on its own generated ImageFolder."""
+    clients = []
+    for i, token in enumerate(tokens):
+        data = write_image_folder(tmp_path / f"d{i}", seed=i)
+        command = client_command(f"127.0.0.1:{port}", bundle, data, tmp_path / f"client{i}")
+        command += ["--token", token, "--connect-timeout", "120"]
+        clients.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return clients
+
+
+def run_clients_to_the_end(clients: list[subprocess.Popen], server: AggregatorProcess, rounds: int) -> None:
+    """Wait until every client has finished the run and the last round is committed with all of them,
+    then stop the aggregator cleanly; on any failure kill every process."""
+    try:
+        outputs = [client.communicate(timeout=300) for client in clients]
+        for client, (out, err) in zip(clients, outputs, strict=True):
+            assert client.returncode == 0, err[-3000:] + "\n--- aggregator ---\n" + server.log
+            assert f"finished after round {rounds}" in out
+        server.wait_for_log(rf"round {rounds}/{rounds} committed: {len(clients)} clients")
+        assert server.terminate() == 0
+    finally:
+        for client in clients:
+            if client.poll() is None:
+                client.kill()
+        server.kill()
+
+
 def test_wrong_address_stops_the_client_cli_with_one_line(tiny_bundle: Path, tmp_path: Path) -> None:
     data = write_image_folder(tmp_path / "data", seed=0, per_class=2)
     command = client_command(f"127.0.0.1:{closed_port()}", tiny_bundle, data, tmp_path / "state")
@@ -107,26 +135,10 @@ def test_three_client_processes_train_promptfl_through_a_real_aggregator(
     tokens = [store.issue_token(f"device {i}") for i in range(3)]
     store.close()
     # the clients start before the aggregator exists: they must wait for it with backoff
-    clients = []
-    for i, token in enumerate(tokens):
-        data = write_image_folder(tmp_path / f"d{i}", seed=i)
-        command = client_command(f"127.0.0.1:{port}", tiny_bundle, data, tmp_path / f"client{i}")
-        command += ["--token", token, "--connect-timeout", "120"]
-        clients.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    clients = start_clients(port, tiny_bundle, tokens, tmp_path)
     time.sleep(1.0)
     server = AggregatorProcess(config)
-    try:
-        outputs = [client.communicate(timeout=300) for client in clients]
-        for client, (out, err) in zip(clients, outputs, strict=True):
-            assert client.returncode == 0, err[-3000:] + "\n--- aggregator ---\n" + server.log
-            assert "finished after round 2" in out
-        server.wait_for_log(r"round 2/2 committed: 3 clients")
-        assert server.terminate() == 0
-    finally:
-        for client in clients:
-            if client.poll() is None:
-                client.kill()
-        server.kill()
+    run_clients_to_the_end(clients, server, rounds=2)
 
     store = SQLiteStore(state, read_only=True)
     records = store.rounds()

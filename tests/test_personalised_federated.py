@@ -5,13 +5,12 @@ folders; DP-FPL's global DP epsilon is in the round metrics; pFedMoAP's pool is 
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 from aggregator_process import AggregatorProcess, write_config
 from opacus.accountants.analysis import rdp as rdp_analysis
-from test_federated import client_command, closed_port, write_image_folder
+from test_federated import closed_port, run_clients_to_the_end, start_clients
 
 from aggregator.store import RoundRecord, SQLiteStore
 from aggregator.strategies.expert_pool import PromptPool
@@ -69,24 +68,7 @@ def test_two_client_processes_train_a_personalised_method_through_a_real_aggrega
     tokens = [store.issue_token(f"device {i}") for i in range(2)]
     store.close()
     server = AggregatorProcess(config)  # first: it and two clients importing torch at once on 2 cores is slow
-    clients = []
-    for i, token in enumerate(tokens):
-        data = write_image_folder(tmp_path / f"d{i}", seed=i)
-        command = client_command(f"127.0.0.1:{port}", tiny_bundle, data, tmp_path / f"client{i}")
-        command += ["--token", token, "--connect-timeout", "120"]
-        clients.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    try:
-        outputs = [client.communicate(timeout=300) for client in clients]
-        for client, (out, err) in zip(clients, outputs, strict=True):
-            assert client.returncode == 0, err[-3000:] + "\n--- aggregator ---\n" + server.log
-            assert "finished after round 2" in out
-        server.wait_for_log(r"round 2/2 committed: 2 clients")
-        assert server.terminate() == 0
-    finally:
-        for client in clients:
-            if client.poll() is None:
-                client.kill()
-        server.kill()
+    run_clients_to_the_end(start_clients(port, tiny_bundle, tokens, tmp_path), server, rounds=2)
 
     store = SQLiteStore(state, read_only=True)
     records, final = store.rounds(), store.latest_round()
