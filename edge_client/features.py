@@ -9,9 +9,9 @@ cache file that cannot be read or fails its checksum is thrown away and rebuilt,
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-import os
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +23,7 @@ from tqdm import tqdm
 from edge_client.bundle import Bundle, encoder_file
 from edge_client.datasets import ImageSet
 from edge_client.preprocess import ImagePreprocessor
+from fedprompt.common.files import write_atomically
 
 log = logging.getLogger(__name__)
 DIGEST_DTYPE = "S64"  # hex sha256
@@ -75,15 +76,9 @@ class FeatureCache:
         """Replace the file atomically so that a crash leaves the old or the new cache, whole."""
         digests = np.array(list(entries), dtype=DIGEST_DTYPE)
         features = np.stack(list(entries.values())).astype(np.float32)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(self.path.name + ".tmp.npz")
-        with open(temporary, "wb") as stream:
-            np.savez(
-                stream, digests=digests, features=features, checksum=np.array(_checksum(digests, features))
-            )
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, self.path)
+        buffer = io.BytesIO()
+        np.savez(buffer, digests=digests, features=features, checksum=np.array(_checksum(digests, features)))
+        write_atomically(self.path, buffer.getvalue())
 
 
 def image_features(

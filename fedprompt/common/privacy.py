@@ -11,7 +11,6 @@ Numpy only (plus opacus for the analysis), so the aggregator can use it for cent
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
+
+from fedprompt.common.files import write_atomically
 
 ACCOUNTANT_KINDS = ("rdp", "prv")
 STATE_VERSION = 1
@@ -170,15 +171,8 @@ class PrivacyAccountant:
             raise PrivacyStateError(f"unreadable privacy accountant state ({error})") from error
 
     def save(self, path: Path) -> None:
-        """Write atomically (temp file, fsync, rename): a crash leaves the old or the new state."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp")
-        with open(temporary, "w") as stream:
-            stream.write(self.to_json())
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
+        """Write atomically: a crash leaves the old or the new state, never a reset one."""
+        write_atomically(path, self.to_json().encode())
 
     @classmethod
     def load(cls, path: Path, kind: str) -> PrivacyAccountant:
