@@ -146,6 +146,7 @@ class RoundCoordinator:
         self._last_seen: dict[str, float] = {}
         self._stopping = False
         self._round: OpenRound | None = None
+        self._summed: SecureSession | None = None  # the last summed session: tells its clients "done"
         self._resumed = self._restore_open_round()
 
     # ---- called by the gRPC handlers -------------------------------------------------------
@@ -277,6 +278,8 @@ class RoundCoordinator:
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "this run does not aggregate securely")
             current = self._round
             session = None if current is None or current.round_id != round_id else current.secure
+            if session is None or session.session_id != session_id:
+                session = self._summed
             if session is None or session.session_id != session_id:
                 reason = f"round {round_id} has no such session (closed or restarted)"
                 return StepReply("aborted", reason=reason)
@@ -443,8 +446,11 @@ class RoundCoordinator:
             unusable = session.failure is None and self._unusable_sum(current, session)
             if unusable:
                 session.fail(unusable)
+            if session.failure is None and session.result is not None:
+                self._summed = session
+                return True
             if session.failure is None:
-                return session.result is not None
+                return False
         if session is not None and not session.failure_logged:
             session.failure_logged = True
             round_id, attempt, failure = current.round_id, current.attempts, session.failure

@@ -9,6 +9,8 @@ Three ways to the same features, fastest first:
   The last block computes only each class's EOT row, the only one pooled.
 - "cut": every class prompt, cut after the last EOT (exact for a causal tower).
 - "full": every class prompt at the full context length, as the official codes do.
+
+A context per class ([K, n_ctx, W]) has no prefix shared by the classes: under "shared" it runs cut.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ ENCODINGS = ("shared", "cut", "full")
 
 
 class PromptTextEncoder:
-    """ctx [n_ctx, W] -> text features [K, D] (not normalised), differentiable in ctx."""
+    """ctx [n_ctx, W] (or one per class, [K, n_ctx, W]) -> text features [K, D] (not normalised),
+    differentiable in ctx."""
 
     def __init__(self, tower: FrozenTextTower, tokens: ClassTokens, encoding: str = "shared") -> None:
         if encoding not in ENCODINGS:
@@ -35,7 +38,7 @@ class PromptTextEncoder:
         self.prompts = ClassPrompts(tokens, tower.token_embedding, length)
 
     def __call__(self, ctx: torch.Tensor) -> torch.Tensor:
-        if self.encoding == "shared":
+        if self.encoding == "shared" and ctx.dim() == 2:
             return self._shared_prefix(ctx)
         return self.tower(self.prompts.assemble(ctx), self.prompts.eot_positions)
 

@@ -88,7 +88,14 @@ class ClassPrompts:
         return torch.cat([self.sos, ctx], dim=0).unsqueeze(0)
 
     def assemble(self, ctx: torch.Tensor) -> torch.Tensor:
-        """[K, L, W]: every class prompt with the context in place (differentiable in ctx)."""
+        """[K, L, W]: every class prompt with the context in place (differentiable in ctx). `ctx` is
+        one context for every class [n_ctx, W], or one per class [K, n_ctx, W] (CoOp's
+        class-specific context)."""
+        if ctx.dim() == 3:
+            expected = (self.num_classes, self.n_ctx, self.sos.shape[1])
+            if tuple(ctx.shape) != expected:
+                raise PromptError(f"class contexts of shape {tuple(ctx.shape)}, expected {expected}")
+            return torch.cat([self.sos.expand(self.num_classes, 1, -1), ctx, self.suffix], dim=1)
         prefix = self.prefix(ctx).expand(self.num_classes, -1, -1)
         return torch.cat([prefix, self.suffix], dim=1)
 

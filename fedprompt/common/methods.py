@@ -3,4 +3,4 @@ server half (`aggregator.strategies`); a test checks that both sides register ex
 
 from __future__ import annotations
 
-METHOD_NAMES: tuple[str, ...] = ("promptfl", "dpfpl", "pfedmoap")
+METHOD_NAMES: tuple[str, ...] = ("promptfl", "dpfpl", "pfedmoap", "secfpp")

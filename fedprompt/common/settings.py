@@ -37,7 +37,11 @@ class TrainingSettings:
     `global_clip`, noise of std `global_noise_multiplier * global_clip` on their sum; 0 = off);
     pFedMoAP's `experts` (K prompts mixed per class: the local one and K-1 downloaded),
     `mixture_lambda` (weight of the local logits) and its gating network (`gating_dim`,
-    `gating_heads`, `gating_scaling` of the attention scores).
+    `gating_heads`, `gating_scaling` of the attention scores). SecFPP's `clusters` (the most domain
+    clusters: the slots of its securely summed upload), `cluster_dim` (size of the public random
+    projection of a client's first domain-prompt update that clients are clustered on) and
+    `split_gain` (a cluster is split in two when that would explain at least this share of the
+    total scatter of the projections).
     """
 
     n_ctx: int = 16
@@ -63,6 +67,9 @@ class TrainingSettings:
     gating_dim: int = 128
     gating_heads: int = 8
     gating_scaling: float = 10.0
+    clusters: int = 4
+    cluster_dim: int = 8
+    split_gain: float = 0.1
 
     def __post_init__(self) -> None:
         self._check(self.n_ctx >= 1, "n_ctx", "must be at least 1")
@@ -92,6 +99,9 @@ class TrainingSettings:
         divisible = self.gating_dim % self.gating_heads == 0
         self._check(divisible, "gating_dim", "must be a multiple of gating_heads")
         self._check(self.gating_scaling > 0, "gating_scaling", "must be positive")
+        self._check(self.clusters >= 1, "clusters", "must be at least 1")
+        self._check(self.cluster_dim >= 2, "cluster_dim", "must be at least 2")
+        self._check(0 < self.split_gain < 1, "split_gain", "must be in (0, 1)")
 
     @staticmethod
     def _check(ok: bool, name: str, requirement: str) -> None:

@@ -1,0 +1,78 @@
+"""SecFPP's server half (seed 001, Hou et al.; no public code): domain-level prompts, one per
+cluster of clients, from securely summed uploads only.
+
+The global state is `{"domain": [K, n_ctx, W], "centroids": [K, d]}`, sent alike to every client
+(so what a client receives says nothing of its cluster); empty before round 1. Each client uploads
+a `clusters`-slot vector with its new domain prompt, a count of 1, its descriptor and the
+descriptor's outer product in the slot of the centroid nearest to it
+(`edge_client.methods.domain_clusters`). The aggregator sums the uploads with secure aggregation
+(required: the strategy refuses to run without it), every client weighing 1. From the sums:
+
+- per cluster, the new domain prompt is the mean of its members' domain prompts;
+- the centroids take one K-means step and K adapts (`aggregator.strategies.adaptive_kmeans`); a
+  cluster split in two gives both halves its domain prompt.
+
+What the server learns per round: for every slot, the number of clients in it, the sum of their
+domain prompts, descriptors and descriptor outer products; not which client is in which slot.
+A slot with one client reveals that (anonymous) client's domain prompt and descriptor, and the
+descriptors, fixed after a client's first round, can be recovered by differencing two rounds in
+which one client changed slot; under sample-level DP both are DP outputs of the device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from aggregator.strategies import register
+from aggregator.strategies.adaptive_kmeans import SlotSums, cluster_step
+from aggregator.strategies.base import ClientUpdate, ServerStrategy
+from aggregator.strategies.combine import UpdateCombiner
+from fedprompt.common.secure_round import WeightedSum
+from fedprompt.common.settings import TrainingSettings
+
+
+@register
+class SecFPPStrategy(ServerStrategy):
+    name = "secfpp"
+    sums_suffice = True
+    needs_secure_aggregation = True
+    weighs_by_examples = False
+
+    def __init__(self, settings: dict[str, Any], combiner: UpdateCombiner | None = None) -> None:
+        super().__init__(settings, combiner)
+        parsed = TrainingSettings.from_dict(settings)
+        self.slots, self.dim, self.split_gain = parsed.clusters, parsed.cluster_dim, parsed.split_gain
+
+    def initial_state(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def update_spec(self, state: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]] | None:
+        """The slotted upload; its prompt shape is known once a round has set the domain prompts."""
+        if "domain" not in state:
+            return None
+        s, d = self.slots, self.dim
+        return {
+            "domain": (s, *state["domain"].shape[1:]),
+            "member": (s,),
+            "descriptor": (s, d),
+            "scatter": (s, d, d),
+        }
+
+    def aggregate(
+        self, state: dict[str, np.ndarray], updates: list[ClientUpdate]
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        raise RuntimeError("secfpp aggregates securely summed uploads only (aggregate_sum)")
+
+    def aggregate_sum(
+        self, state: dict[str, np.ndarray], total: WeightedSum
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        t = total.tensors
+        step = cluster_step(SlotSums(t["member"], t["descriptor"], t["scatter"]), self.slots, self.split_gain)
+        counts = np.maximum(np.rint(t["member"]), 1.0)
+        domain = np.stack([t["domain"][k] / counts[k] for k in step.sources])
+        return {
+            "domain": domain.astype(np.float32),
+            "centroids": step.centroids.astype(np.float32),
+        }, step.metrics
