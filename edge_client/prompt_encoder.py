@@ -106,16 +106,4 @@ def _suffix_block(
         )
     queries = F.linear(normed, block.attn_in_proj_weight[:width], block.attn_in_proj_bias[:width])
     attended = F.scaled_dot_product_attention(_heads(queries, heads), keys, values, attn_mask=allowed)
-    attended = attended.transpose(1, 2).reshape(classes, -1, width)
-    attended = F.linear(attended, block.attn_out_proj_weight, block.attn_out_proj_bias)
-    if block.spec.layer_scale:
-        attended = attended * block.ls_1_gamma
-    x = suffix + attended
-    h = F.layer_norm(x, (width,), block.ln_2_weight, block.ln_2_bias, LAYER_NORM_EPS)
-    h = F.linear(
-        block.activation(F.linear(h, block.mlp_c_fc_weight, block.mlp_c_fc_bias)), block.mlp_c_proj_weight
-    )
-    h = h + block.mlp_c_proj_bias
-    if block.spec.layer_scale:
-        h = h * block.ls_2_gamma
-    return x + h
+    return block.after_attention(suffix, attended.transpose(1, 2).reshape(classes, -1, width))

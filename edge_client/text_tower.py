@@ -70,7 +70,12 @@ class _FrozenBlock(nn.Module):
         qkv = F.linear(h, self.attn_in_proj_weight, self.attn_in_proj_bias)
         q, k, v = qkv.view(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
         attended = F.scaled_dot_product_attention(q, k, v, is_causal=self.spec.causal)
-        attended = attended.transpose(1, 2).reshape(n, length, width)
+        return self.after_attention(x, attended.transpose(1, 2).reshape(n, length, width))
+
+    def after_attention(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The rest of the block once attention has run ([N,L,W] with heads merged): output
+        projection and MLP, each with its residual. Shared with the prompt encoder's partial blocks."""
+        width = self.spec.width
         attended = F.linear(attended, self.attn_out_proj_weight, self.attn_out_proj_bias)
         if self.spec.layer_scale:
             attended = attended * self.ls_1_gamma
