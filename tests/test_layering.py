@@ -22,7 +22,9 @@ def imported_modules(package: str) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize(("package", "forbidden"), [("edge_client", "aggregator"), ("aggregator", "edge_client")])
+@pytest.mark.parametrize(
+    ("package", "forbidden"), [("edge_client", "aggregator"), ("aggregator", "edge_client")]
+)
 def test_client_and_server_never_import_each_other(package: str, forbidden: str) -> None:
     offending = {m for m in imported_modules(package) if m == forbidden or m.startswith(forbidden + ".")}
     assert not offending, f"{package} imports {sorted(offending)}"
@@ -30,7 +32,9 @@ def test_client_and_server_never_import_each_other(package: str, forbidden: str)
 
 @pytest.mark.parametrize("package", ["edge_client", "aggregator", "protos", "fedprompt/common"])
 def test_only_export_builds_open_clip_models(package: str) -> None:
-    offending = {m for m in imported_modules(package) if m.split(".")[0] == "open_clip" and m != "open_clip.tokenizer"}
+    offending = {
+        m for m in imported_modules(package) if m.split(".")[0] == "open_clip" and m != "open_clip.tokenizer"
+    }
     assert not offending, f"{package} imports open_clip model code: {sorted(offending)}"
 
 
