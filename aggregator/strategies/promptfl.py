@@ -5,6 +5,9 @@ mean needs only the weighted sum, so PromptFL also runs under secure aggregation
 The global state is `{"ctx": [n_ctx, width]}`. Before round 1 it is empty, because the server does
 not know the text width of the clients' bundle: in round 1 every client initialises `ctx` itself
 from the shared settings (`seed`, `ctx_init_std`), and the first average becomes the global prompt.
+From round 2 on, the global prompt moves `server_lr` of the way to the round's average (server
+learning rate; 1 = plain FedAvg): under client-level DP a step below 1 damps the round-to-round
+noise while the consistent part of the updates still accumulates.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import numpy as np
 from aggregator.strategies import register
 from aggregator.strategies.base import ClientUpdate, ServerStrategy
 from fedprompt.common.secure_round import WeightedSum
+from fedprompt.common.settings import TrainingSettings
 
 
 @register
@@ -30,14 +34,26 @@ class PromptFLStrategy(ServerStrategy):
     def aggregate(
         self, state: dict[str, np.ndarray], updates: list[ClientUpdate]
     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        new_state, metrics = self.combiner.combine(self.update_reference(state), updates)
+        average, metrics = self.combiner.combine(self.update_reference(state), updates)
+        new_state = self._server_step(state, average)
         return new_state, {**metrics, **_changes(state, new_state)}
 
     def aggregate_sum(
         self, state: dict[str, np.ndarray], total: WeightedSum
     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        new_state = {name: (t / total.weight).astype(np.float32) for name, t in total.tensors.items()}
+        average = {name: (t / total.weight).astype(np.float32) for name, t in total.tensors.items()}
+        new_state = self._server_step(state, average)
         return new_state, _changes(state, new_state)
+
+    def _server_step(
+        self, state: dict[str, np.ndarray], average: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Move each global tensor `server_lr` of the way to the round's average (round 1: the average)."""
+        rate = TrainingSettings.from_dict(self.settings).server_lr
+        return {
+            name: (state[name] + rate * (mean - state[name])).astype(np.float32) if name in state else mean
+            for name, mean in average.items()
+        }
 
 
 def _changes(state: dict[str, np.ndarray], new_state: dict[str, np.ndarray]) -> dict[str, float]:

@@ -62,6 +62,7 @@ class TrainingSettings:
     rank: int = 8
     global_clip: float = 1.0
     global_noise_multiplier: float = 0.0
+    server_lr: float = 1.0
     experts: int = 10
     mixture_lambda: float = 0.5
     gating_dim: int = 128
@@ -92,6 +93,7 @@ class TrainingSettings:
         self._check(self.rank >= 1, "rank", "must be at least 1")
         self._check(self.global_clip > 0, "global_clip", "must be positive")
         self._check(self.global_noise_multiplier >= 0, "global_noise_multiplier", "must be >= 0 (0 = off)")
+        self._check(0 < self.server_lr <= 1, "server_lr", "must be in (0, 1]")
         self._check(self.experts >= 1, "experts", "must be at least 1")
         self._check(self.mixture_lambda >= 0, "mixture_lambda", "must be >= 0")
         self._check(self.gating_heads >= 1, "gating_heads", "must be at least 1")
