@@ -17,8 +17,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from tqdm import tqdm
 from edge_client.bundle import Bundle, BundleError
 from edge_client.prompt_encoder import PromptTextEncoder
 from edge_client.prompts import initial_context, tokenize_class_prompts
+from edge_client.torch_threads import torch_threads
 from edge_client.training import normalise, prompt_loss
 
 ADJECTIVES = ("red", "small", "wild", "old", "striped", "golden", "wooden", "spotted", "tall", "frozen")
@@ -111,17 +111,6 @@ def run_benchmark(
     `threads` (None = the libraries' defaults) applies to torch and onnxruntime alike."""
     with torch_threads(threads):
         return _run_benchmark(bundle_dir, classes, batch_size, steps, n_ctx, precision, threads, seed)
-
-
-@contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run with `threads` torch threads (None: unchanged), restoring the previous count after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads or previous)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _run_benchmark(

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from aggregator.store import ClientRoundRecord
+from edge_client.torch_threads import torch_threads
 from edge_client.workspace import ClientWorkspace
 from fedprompt.common.settings import TrainingSettings
 from fedprompt.harness.baselines import local_only_rounds, zero_shot_accuracy
@@ -59,12 +60,8 @@ def run_experiment(config: ExperimentConfig, out_dir: Path, progress: bool = Tru
     """Run every entry of `config` for every seed; state of the runs goes to `out_dir/runs`. Torch
     uses `config.threads` threads meanwhile (small prompt steps run fastest on one thread, and
     oversubscribed threads on a busy machine slow them down many times over)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
+    with torch_threads(config.threads):
         return _run_all(config, out_dir, progress)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run_all(config: ExperimentConfig, out_dir: Path, progress: bool) -> ExperimentResults:
