@@ -125,7 +125,8 @@ class RoundCoordinator:
         self.config = config
         self.rules = config.rounds
         settings = config.training.to_dict()
-        self.settings_json = json.dumps(settings, sort_keys=True)
+        self.settings_json = json.dumps(settings, sort_keys=True)  # the run's identity in the store
+        self.client_settings_json = json.dumps(config.training.for_clients(), sort_keys=True)
         aggregation = config.aggregation
         combiner = UpdateCombiner(aggregation.rule, aggregation.trim_fraction, aggregation.norm_bound)
         self.strategy = SERVER_STRATEGIES[config.method.name](settings, combiner=combiner)

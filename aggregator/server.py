@@ -171,7 +171,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         )
         if task.status == "train":
             header.method = self.coordinator.config.method.name
-            header.settings_json = self.coordinator.settings_json
+            header.settings_json = self.coordinator.client_settings_json
             header.deadline_unix = task.deadline_unix
             header.deadline_in_s = task.deadline_in_s
             header.payload_bytes = len(task.payload)

@@ -32,6 +32,7 @@ from edge_client.secure_upload import GrpcSecureChannel, params_from_message, se
 from edge_client.tls import ChannelSecurity, closed_socket_hint, tls_failure
 from fedprompt.common.codec import CodecError, decode_tensor_set, encode_tensor_set, iter_chunks, join_chunks
 from fedprompt.common.files import write_atomically
+from fedprompt.common.settings import SettingsError, TrainingSettings
 from protos import fedprompt_pb2 as pb
 from protos import fedprompt_pb2_grpc as pb_grpc
 
@@ -363,11 +364,19 @@ class ClientRuntime:
             tensors = decode_tensor_set(payload)
         except CodecError as error:
             raise ClientError(f"malformed task from the aggregator: {error}") from None
+        settings = json.loads(header.settings_json or "{}")
+        try:
+            TrainingSettings.from_dict(settings)
+        except SettingsError as error:
+            raise ClientError(
+                f"the aggregator's round settings do not fit this client ({error}); if the aggregator "
+                "runs a newer fedprompt, upgrade the client"
+            ) from None
         task = RoundTask(
             run_id=header.run_id,
             round_id=header.round_id,
             method=header.method,
-            settings=json.loads(header.settings_json or "{}"),
+            settings=settings,
             tensors=tensors,
             deadline_unix=header.deadline_unix,
         )

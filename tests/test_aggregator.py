@@ -56,7 +56,9 @@ def push_prepared(client: RawClient, index: int, expected_round: int) -> np.ndar
     """The client pulls its task and pushes its prepared update; returns the ctx it sent."""
     header, tensors = client.wait_for_task()
     assert header.status == pb.TRAIN and header.round_id == expected_round
-    assert header.method == "promptfl" and json.loads(header.settings_json)["n_ctx"] == 16
+    settings = json.loads(header.settings_json)
+    assert header.method == "promptfl" and settings["n_ctx"] == 16
+    assert "server_lr" not in settings  # server-only settings stay on the server
     assert header.deadline_unix > 0 and header.update_encoding == pb.FP32
     assert 0 < header.deadline_in_s <= FAST_ROUNDS["round_timeout_s"]
     assert header.client_timeout_s == FAST_ROUNDS["client_timeout_s"]

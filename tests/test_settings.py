@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import json
+from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
-from fedprompt.common.settings import SettingsError, TrainingSettings
+from fedprompt.common.settings import SERVER_ONLY_SETTINGS, SettingsError, TrainingSettings
+
+EDGE_CLIENT = Path(__file__).parents[1] / "edge_client"
 
 
 def test_defaults_follow_coop_and_round_trip_through_json() -> None:
@@ -37,3 +42,23 @@ def test_bad_values_are_one_clear_line(values: dict, fragment: str) -> None:
     with pytest.raises(SettingsError) as error:
         TrainingSettings.from_dict(values)
     assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_round_tasks_carry_every_setting_but_the_server_only_ones() -> None:
+    assert {f.name for f in fields(TrainingSettings)} >= SERVER_ONLY_SETTINGS
+    settings = TrainingSettings(server_lr=0.5, global_noise_multiplier=1.0, n_ctx=4, dp="client")
+    sent = settings.for_clients()
+    assert set(sent) == {f.name for f in fields(TrainingSettings)} - SERVER_ONLY_SETTINGS
+    parsed = TrainingSettings.from_dict(json.loads(json.dumps(sent)))  # what a device reads
+    assert parsed.n_ctx == 4 and parsed.dp == "client" and parsed.server_lr == 1.0
+
+
+def test_no_client_code_reads_a_server_only_setting() -> None:
+    """Devices get the defaults for server-only settings, so reading one there would be a bug."""
+    readers = [
+        f"{path.relative_to(EDGE_CLIENT)}:{node.lineno} .{node.attr}"
+        for path in sorted(EDGE_CLIENT.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr in SERVER_ONLY_SETTINGS
+    ]
+    assert readers == []

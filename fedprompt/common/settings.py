@@ -22,6 +22,11 @@ class SettingsError(ValueError):
     """A setting is unknown, has the wrong type or is out of range; the message is one line."""
 
 
+# Read by server halves only, so never sent to devices: clients reject setting keys they do not
+# know, and a server-side setting added in a newer aggregator must not stop older clients.
+SERVER_ONLY_SETTINGS = frozenset({"server_lr", "global_clip", "global_noise_multiplier", "split_gain"})
+
+
 @dataclass(frozen=True)
 class TrainingSettings:
     """How a client trains in a round and which local DP it applies.
@@ -124,6 +129,10 @@ class TrainingSettings:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form that `from_dict` reads back to an equal object."""
         return asdict(self)
+
+    def for_clients(self) -> dict[str, Any]:
+        """What a round task carries: every setting except the server-only ones."""
+        return {name: value for name, value in asdict(self).items() if name not in SERVER_ONLY_SETTINGS}
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:

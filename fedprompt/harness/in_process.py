@@ -149,7 +149,7 @@ def _play_clients(
     on_round: Callable[[int], None] | None,
 ) -> None:
     """Poll as the devices do until the run is finished: train when told to, else wait briefly."""
-    settings = json.loads(coordinator.settings_json)
+    settings = json.loads(coordinator.client_settings_json)
     reported = coordinator.committed
     while not coordinator.finished:
         if not driver.is_alive():

@@ -33,7 +33,7 @@ def served_accuracies(
     """Per client, the held-out accuracy of the model the finished run serves it (None when the
     method reports no `received_accuracy` or the client's privacy budget refuses another round)."""
     method = coordinator.config.method.name
-    settings = json.loads(coordinator.settings_json)
+    settings = json.loads(coordinator.client_settings_json)
     accuracies: list[float | None] = []
     for client_id, workspace in zip(client_ids, workspaces, strict=True):
         served = coordinator.strategy.tensors_for_client(coordinator.global_state, client_id)
