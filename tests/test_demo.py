@@ -40,5 +40,8 @@ def test_quick_demo_writes_a_sane_report(tmp_path: Path) -> None:
     assert all(len(r["clients"]) == 4 for r in report["per_round"])
     domains = {c["domain"] for c in report["per_client"]}
     assert len(domains) == 4  # every client in its own image domain
+    held = [[k for k, n in enumerate(c["train_label_counts"]) if n] for c in report["per_client"]]
+    assert all(len(classes) == 1 for classes in held)  # one class per client
+    assert len({classes[0] for classes in held}) == 4  # and a different one each
     assert "held-out acc" in result.stdout and "local-only" in result.stdout
     assert (tmp_path / "work" / "logs" / "aggregator.log").is_file()
