@@ -6,13 +6,17 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from edge_client.datasets import fashion_mnist_dir
+from fedprompt.harness.demo import FULL
+from fedprompt.harness.experiment_config import load_experiment_config
 
 FEDPROMPT = str(Path(sys.executable).with_name("fedprompt"))
+EXPERIMENTS = Path(__file__).parents[1] / "fedprompt/harness/experiments"
 
 
 @pytest.mark.slow
@@ -45,3 +49,23 @@ def test_quick_demo_writes_a_sane_report(tmp_path: Path) -> None:
     assert len({classes[0] for classes in held}) == 4  # and a different one each
     assert "held-out acc" in result.stdout and "local-only" in result.stdout
     assert (tmp_path / "work" / "logs" / "aggregator.log").is_file()
+
+
+@pytest.mark.parametrize(
+    ("name", "split"),
+    [
+        ("demo-one-class", FULL.split),
+        ("demo-dirichlet", replace(FULL.split, scheme="dirichlet", alpha=0.1, classes_per_client=2)),
+    ],
+)
+def test_demo_experiment_configs_repeat_the_demo_setting(name: str, split: object) -> None:
+    """The configs that measure the demo's margin over seeds must not drift from `FULL`."""
+    config = load_experiment_config(EXPERIMENTS / f"{name}.toml")
+    assert config.split.settings(FULL.split.seed) == split
+    assert config.rounds.rounds == FULL.rounds
+    assert config.entry("PromptFL + client DP").settings == FULL.training
+    no_dp = config.entry("PromptFL").settings  # the same training, DP off (its clip/noise unused)
+    training = FULL.training
+    assert replace(no_dp, clip=training.clip, noise_multiplier=training.noise_multiplier) == replace(
+        training, dp="none"
+    )
