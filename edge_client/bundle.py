@@ -118,6 +118,14 @@ def capabilities_of(parts: Mapping[str, Any]) -> list[str]:
     return sorted(name for name, needs in CAPABILITIES.items() if all(p in parts for p in needs.parts))
 
 
+def referenced_files(manifest: Mapping[str, Any]) -> list[str]:
+    """Every file the manifest's parts and tokenizer name."""
+    names = [manifest["tokenizer"]["vocab"]]
+    for part in manifest["parts"].values():
+        names += [*part.get("files", {}).values(), *([part["file"]] if "file" in part else [])]
+    return names
+
+
 class Bundle:
     """A verified bundle directory. Use `Bundle.open(path)`."""
 
@@ -289,10 +297,12 @@ def check_signature(
 def _check_format(path: Path, manifest: dict[str, Any]) -> None:
     version = manifest.get("format_version")
     if version == FORMAT_VERSION:
-        missing = [key for key in MANIFEST_FIELDS if key not in manifest]
-        missing += [f"parts.{part}" for part in REQUIRED_PARTS if part not in manifest.get("parts", {})]
-        if missing:
-            raise BundleError(f"bundle {path}: {MANIFEST} lacks {', '.join(missing)}")
+        try:
+            _check_structure(path, manifest)
+        except (KeyError, TypeError, AttributeError) as error:
+            raise BundleError(
+                f"bundle {path}: {MANIFEST} is malformed ({type(error).__name__}: {error})"
+            ) from None
         return
     if version == 1:
         raise BundleError(
@@ -303,6 +313,22 @@ def _check_format(path: Path, manifest: dict[str, Any]) -> None:
         f"bundle {path}: format version {version!r} is not supported (this fedprompt reads "
         f"{FORMAT_VERSION}); export it with this version of fedprompt"
     )
+
+
+def _check_structure(path: Path, manifest: dict[str, Any]) -> None:
+    """Every field present, every file a part uses listed with its sha256, file names plain."""
+    missing = [key for key in MANIFEST_FIELDS if key not in manifest]
+    missing += [f"parts.{part}" for part in REQUIRED_PARTS if part not in manifest.get("parts", {})]
+    if missing:
+        raise BundleError(f"bundle {path}: {MANIFEST} lacks {', '.join(missing)}")
+    unlisted = sorted(set(referenced_files(manifest)) - set(manifest["files"]))
+    if unlisted:
+        raise BundleError(
+            f"bundle {path}: {unlisted[0]} is used but not listed (with its sha256) in {MANIFEST}"
+        )
+    odd = [name for name in manifest["files"] if Path(name).name != name or name in ("", ".", "..")]
+    if odd:
+        raise BundleError(f"bundle {path}: file name {odd[0]!r} in {MANIFEST} is not a plain file name")
 
 
 def reexport_command(path: Path, manifest: Mapping[str, Any]) -> str:

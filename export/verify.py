@@ -20,6 +20,7 @@ from edge_client.bundle import (
     Bundle,
     BundleError,
     check_signature,
+    referenced_files,
     sha256_file,
 )
 from edge_client.bundle_signature import SIGNATURE_FILE
@@ -142,14 +143,10 @@ def _file_problems(bundle: Bundle) -> list[str]:
     """Listed files = the parts' files and the vocabulary = files on disk (besides the manifest
     and its signature), with the recorded sizes. (Whether the parts are the model's is a
     manifest check.)"""
-    listed = set(bundle.manifest["files"])
-    needed = {bundle.manifest["tokenizer"]["vocab"]}
-    for part in bundle.parts.values():
-        needed |= set(part.get("files", {}).values()) | ({part["file"]} if "file" in part else set())
+    listed, needed = set(bundle.manifest["files"]), set(referenced_files(bundle.manifest))
     on_disk = {f.name for f in bundle.path.iterdir() if f.is_file()} - {MANIFEST, SIGNATURE_FILE}
     problems = [f"{name} is on disk but not listed in {MANIFEST}" for name in sorted(on_disk - listed)]
     problems += [f"{name} is listed but belongs to no part" for name in sorted(listed - needed)]
-    problems += [f"{name} (a part's file) is not listed" for name in sorted(needed - listed)]
     problems += [
         f"{name} is {(bundle.path / name).stat().st_size} bytes, the manifest says {entry.get('bytes')}"
         for name, entry in bundle.manifest["files"].items()

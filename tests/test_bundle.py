@@ -79,3 +79,17 @@ def test_provider_choice() -> None:
     assert choose_providers(["cpu"]) == [CPU]
     with pytest.raises(ProviderError, match="not usable here"):
         choose_providers(["no-such-provider"])
+
+
+def test_every_file_a_part_uses_must_be_hashed_and_plainly_named(tiny_bundle: Path, tmp_path: Path) -> None:
+    copy = shutil.copytree(tiny_bundle, tmp_path / "copy")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["parts"]["image_tower"]["file"] = "elsewhere.safetensors"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"elsewhere\.safetensors is used but not listed"):
+        Bundle.open(copy)
+    manifest["parts"]["image_tower"]["file"] = "../image_tower.safetensors"
+    manifest["files"]["../image_tower.safetensors"] = manifest["files"].pop("image_tower.safetensors")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="is not a plain file name"):
+        Bundle.open(copy)
