@@ -50,8 +50,8 @@ def _keygen(ctx: click.Context, _param: click.Parameter, value: Path | None) -> 
     default=("fp32",),
     show_default=True,
     type=click.Choice(["fp32", "fp16", "int8"]),
-    help="Extra graphs besides fp32 (always written): fp16 (image and text, float32 inputs and "
-    "outputs) and/or int8 (dynamically quantised image encoder). Repeatable.",
+    help="Extra graphs besides fp32 (always written): fp16 (image, prompted image and text, float32 "
+    "inputs and outputs) and/or int8 (dynamically quantised image encoder). Repeatable.",
 )
 @click.option(
     "--opset",

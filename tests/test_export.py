@@ -302,5 +302,9 @@ def test_vit_b_32_exports_and_verifies(tmp_path: Path) -> None:
     out = tmp_path / "vit-b-32"
     code, output = run_cli("export", "ViT-B-32", "--pretrained", "none", "--out", str(out))
     assert code == 0, output
+    manifest = Bundle.open(out).manifest
+    assert manifest["capabilities"] == ["text_prompts", "visual_prompts"]
+    assert (manifest["image_width"], manifest["image_tokens"]) == (768, 49)
     code, output = run_cli("verify", str(out))
     assert code == 0, output
+    assert any(line.startswith("prompted fp32 P=4") and "ok" in line for line in output.splitlines())
