@@ -1,29 +1,89 @@
-"""Opens an exported bundle on the device: checks its hashes, gives onnxruntime sessions for the
-frozen encoders and a torch text tower for gradient flow, without open_clip's model-building code.
+"""Opens an exported bundle on the device: checks its hashes (and, when asked, its signature), gives
+onnxruntime sessions for the frozen encoders, torch towers for gradient flow and the tokenizer,
+without any open_clip code.
 
-The format is described in docs/architecture.md ("Bundle format").
+The format (2) is described in docs/architecture.md ("Bundle format").
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
-from open_clip.tokenizer import SimpleTokenizer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from safetensors.torch import load_file
 
+from edge_client.bundle_signature import (
+    SIGNATURE_FILE,
+    KeyFileError,
+    fingerprint,
+    load_public_key,
+    signing_key,
+)
+from edge_client.image_tower import FrozenImageTower, ImageTowerSpec
 from edge_client.providers import make_session
 from edge_client.text_tower import FrozenTextTower, TextTowerSpec
+from edge_client.tokenizer import ClipTokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 TEXT_TOWER_FILE = "text_tower.safetensors"
+IMAGE_TOWER_FILE = "image_tower.safetensors"
+VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"  # open_clip's CLIP BPE vocabulary (MIT), copied by export
 PRECISIONS = ("fp32", "fp16", "int8")
+REQUIRED_PARTS = ("image_encoder", "text_encoder", "text_tower")
+MANIFEST_FIELDS = (  # every top-level field of a format-2 manifest
+    "format_version",
+    "model",
+    "weights",
+    "weights_source",
+    "seed",
+    "embed_dim",
+    "text_width",
+    "context_length",
+    "vocab_size",
+    "image_size",
+    "image_width",
+    "image_tokens",
+    "preprocess",
+    "tokenizer",
+    "logit_scale",
+    "text_tower",
+    "capabilities",
+    "parts",
+    "opset",
+    "precisions",
+    "default_precision",
+    "files",
+    "versions",
+    "parity",
+)
+GRAPH_PARTS = {"image": "image_encoder", "text": "text_encoder", "image_prompted": "image_encoder_prompted"}
+
+
+@dataclass(frozen=True)
+class Capability:
+    """What a bundle can do, which methods require by name: the parts it needs, and the words of
+    the error when they are missing ("bundle X has no <lacks>: model M cannot <means>")."""
+
+    parts: tuple[str, ...]
+    lacks: str
+    means: str
+
+
+# A new capability (e.g. captioning with a "decoder" part) is one entry here.
+CAPABILITIES = {
+    "text_prompts": Capability(("text_tower",), "text tower", "train text prompts"),
+    "visual_prompts": Capability(
+        ("image_tower", "image_encoder_prompted"), "visual-prompt image tower", "take visual prompts"
+    ),
+}
 
 
 class BundleError(Exception):
@@ -31,7 +91,7 @@ class BundleError(Exception):
 
 
 class BundleIntegrityError(BundleError):
-    """A bundle file is missing or its content does not match the sha256 in the manifest."""
+    """A bundle file is missing or altered (sha256), or its signature is missing or not trusted."""
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
@@ -43,9 +103,27 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def graph_file(part: str, precision: str) -> str:
+    """File name of a part's ONNX graph: 'image_encoder.onnx', 'image_encoder_prompted.fp16.onnx', ..."""
+    return f"{part}.onnx" if precision == "fp32" else f"{part}.{precision}.onnx"
+
+
 def encoder_file(tower: str, precision: str) -> str:
-    """File name of an encoder graph: 'image_encoder.onnx', 'text_encoder.fp16.onnx', ..."""
-    return f"{tower}_encoder.onnx" if precision == "fp32" else f"{tower}_encoder.{precision}.onnx"
+    """File name of an encoder graph by tower ('image', 'text', 'image_prompted')."""
+    return graph_file(GRAPH_PARTS[tower], precision)
+
+
+def capabilities_of(parts: Mapping[str, Any]) -> list[str]:
+    """The sorted capabilities whose parts are all present."""
+    return sorted(name for name, needs in CAPABILITIES.items() if all(p in parts for p in needs.parts))
+
+
+def referenced_files(manifest: Mapping[str, Any]) -> list[str]:
+    """Every file the manifest's parts and tokenizer name."""
+    names = [manifest["tokenizer"]["vocab"]]
+    for part in manifest["parts"].values():
+        names += [*part.get("files", {}).values(), *([part["file"]] if "file" in part else [])]
+    return names
 
 
 class Bundle:
@@ -56,21 +134,29 @@ class Bundle:
         self.manifest = manifest
 
     @classmethod
-    def open(cls, path: str | Path, check_hashes: bool = True) -> Bundle:
-        """Read the manifest and (by default) check the sha256 of every file it lists."""
+    def open(
+        cls,
+        path: str | Path,
+        check_hashes: bool = True,
+        trusted_keys: Sequence[str | Path | Ed25519PublicKey] | None = None,
+    ) -> Bundle:
+        """Read the manifest and (by default) check the sha256 of every file it lists. With
+        `trusted_keys` (public key files or keys), manifest.sig must be a valid Ed25519 signature of
+        manifest.json by one of them."""
         path = Path(path)
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             raise BundleError(f"{path} is not a bundle: {MANIFEST} is missing")
+        raw = manifest_path.read_bytes()
+        if trusted_keys is not None:
+            check_signature(path, raw, trusted_keys)
         try:
-            manifest = json.loads(manifest_path.read_text())
+            manifest = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise BundleError(f"{manifest_path} is not valid JSON: {error}") from error
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise BundleError(
-                f"{path}: bundle format version {manifest.get('format_version')!r} is not supported "
-                f"(expected {FORMAT_VERSION}); re-export it with this version of fedprompt"
-            )
+        if not isinstance(manifest, dict):
+            raise BundleError(f"{manifest_path} is not a JSON object")
+        _check_format(path, manifest)
         bundle = cls(path, manifest)
         if check_hashes:
             bundle.check_hashes()
@@ -113,13 +199,35 @@ class Bundle:
     def logit_scale(self) -> float:
         return float(self.manifest["logit_scale"])
 
+    @property
+    def capabilities(self) -> list[str]:
+        return list(self.manifest["capabilities"])
+
+    @property
+    def parts(self) -> dict[str, dict[str, Any]]:
+        return self.manifest["parts"]
+
+    def require(self, capability: str) -> None:
+        """One-line BundleError unless the bundle has `capability` (and the parts it needs)."""
+        needs = CAPABILITIES.get(capability)
+        if needs is None:
+            raise BundleError(f"unknown bundle capability {capability!r}; known: {', '.join(CAPABILITIES)}")
+        if capability not in self.capabilities or not all(p in self.parts for p in needs.parts):
+            model = self.manifest["model"]
+            raise BundleError(f"bundle {self.path} has no {needs.lacks}: model {model} cannot {needs.means}")
+
     def encoder_path(self, tower: str, precision: str | None = None) -> Path:
-        """Path of the image or text encoder graph in `precision` (default: the bundle's default)."""
+        """Path of the 'image', 'text' or 'image_prompted' graph in `precision` (default: the
+        bundle's default)."""
         precision = precision or self.manifest["default_precision"]
-        name = encoder_file(tower, precision)
-        if name not in self.manifest["files"]:
+        part = GRAPH_PARTS[tower]
+        if tower == "image_prompted":
+            self.require("visual_prompts")
+        name = self.parts[part]["files"].get(precision)
+        if name is None:
             raise BundleError(
-                f"bundle {self.path} has no {precision} {tower} encoder (precisions: {self.precisions})"
+                f"bundle {self.path} has no {precision} {tower.replace('_', ' ')} encoder "
+                f"(precisions: {', '.join(self.parts[part]['files'])})"
             )
         return self.path / name
 
@@ -129,6 +237,13 @@ class Bundle:
         """onnxruntime session of the image encoder: "images" [N,3,H,W] -> "image_features" [N,D]."""
         return make_session(self.encoder_path("image", precision), providers, threads)
 
+    def image_session_prompted(
+        self, precision: str | None = None, providers: Sequence[str] | None = None, threads: int | None = None
+    ) -> ort.InferenceSession:
+        """onnxruntime session of the prompted image encoder: "images" [N,3,H,W] + "prompt_tokens"
+        [N,P,Wv] (P >= 0) -> "image_features" [N,D], "patch_tokens" [N,T,Wv]."""
+        return make_session(self.encoder_path("image_prompted", precision), providers, threads)
+
     def text_session(
         self, precision: str | None = "fp32", providers: Sequence[str] | None = None
     ) -> ort.InferenceSession:
@@ -137,15 +252,88 @@ class Bundle:
 
     def text_tower(self) -> FrozenTextTower:
         """The frozen torch text tower, rebuilt from text_tower.safetensors."""
-        spec = TextTowerSpec.from_manifest(self.manifest["text_tower"])
-        tensors = load_file(str(self.path / TEXT_TOWER_FILE))
-        return FrozenTextTower(
-            spec, tensors, eot_token_id=int(self.manifest["tokenizer"]["eot_token_id"])
-        ).eval()
+        part = self.parts["text_tower"]
+        tensors = load_file(str(self.path / part["file"]))
+        spec = TextTowerSpec.from_manifest(part["spec"])
+        eot = int(self.manifest["tokenizer"]["eot_token_id"])
+        return FrozenTextTower(spec, tensors, eot_token_id=eot).eval()
 
-    def tokenizer(self) -> SimpleTokenizer:
-        """open_clip's BPE tokenizer with the bundle's context length."""
-        kind = self.manifest["tokenizer"]["kind"]
-        if kind != "open_clip":
-            raise BundleError(f"bundle {self.path}: tokenizer kind {kind!r} is not supported")
-        return SimpleTokenizer(context_length=self.context_length)
+    def image_tower(self) -> FrozenImageTower:
+        """The frozen torch ViT image tower that takes prompt tokens, rebuilt from image_tower.safetensors."""
+        self.require("visual_prompts")
+        part = self.parts["image_tower"]
+        tensors = load_file(str(self.path / part["file"]))
+        return FrozenImageTower(ImageTowerSpec.from_manifest(part["spec"]), tensors).eval()
+
+    def tokenizer(self) -> ClipTokenizer:
+        """CLIP's BPE tokenizer on the bundle's vocabulary file, with the bundle's context length."""
+        entry = self.manifest["tokenizer"]
+        if entry["kind"] != "open_clip":
+            raise BundleError(f"bundle {self.path}: tokenizer kind {entry['kind']!r} is not supported")
+        return ClipTokenizer(self.path / entry["vocab"], self.context_length)
+
+
+def check_signature(
+    path: Path, manifest_bytes: bytes, trusted_keys: Sequence[str | Path | Ed25519PublicKey]
+) -> str:
+    """The fingerprint of the trusted key that signed manifest.json; BundleIntegrityError otherwise."""
+    try:
+        keys = [k if isinstance(k, Ed25519PublicKey) else load_public_key(k) for k in trusted_keys]
+    except KeyFileError as error:
+        raise BundleError(str(error)) from error
+    signature_path = path / SIGNATURE_FILE
+    if not signature_path.is_file():
+        raise BundleIntegrityError(f"bundle {path} is not signed ({SIGNATURE_FILE} is missing)")
+    key = signing_key(manifest_bytes, signature_path.read_bytes(), keys)
+    if key is None:
+        names = ", ".join(fingerprint(k) for k in keys) or "none given"
+        raise BundleIntegrityError(
+            f"bundle {path}: {SIGNATURE_FILE} is not a valid signature of {MANIFEST} by a trusted key "
+            f"(trusted: {names})"
+        )
+    return fingerprint(key)
+
+
+def _check_format(path: Path, manifest: dict[str, Any]) -> None:
+    version = manifest.get("format_version")
+    if version == FORMAT_VERSION:
+        try:
+            _check_structure(path, manifest)
+        except (KeyError, TypeError, AttributeError) as error:
+            raise BundleError(
+                f"bundle {path}: {MANIFEST} is malformed ({type(error).__name__}: {error})"
+            ) from None
+        return
+    if version == 1:
+        raise BundleError(
+            f"bundle {path} is in format 1, which this fedprompt no longer reads; re-export it: "
+            f"{reexport_command(path, manifest)}"
+        )
+    raise BundleError(
+        f"bundle {path}: format version {version!r} is not supported (this fedprompt reads "
+        f"{FORMAT_VERSION}); export it with this version of fedprompt"
+    )
+
+
+def _check_structure(path: Path, manifest: dict[str, Any]) -> None:
+    """Every field present, every file a part uses listed with its sha256, file names plain."""
+    missing = [key for key in MANIFEST_FIELDS if key not in manifest]
+    missing += [f"parts.{part}" for part in REQUIRED_PARTS if part not in manifest.get("parts", {})]
+    if missing:
+        raise BundleError(f"bundle {path}: {MANIFEST} lacks {', '.join(missing)}")
+    unlisted = sorted(set(referenced_files(manifest)) - set(manifest["files"]))
+    if unlisted:
+        raise BundleError(
+            f"bundle {path}: {unlisted[0]} is used but not listed (with its sha256) in {MANIFEST}"
+        )
+    odd = [name for name in manifest["files"] if Path(name).name != name or name in ("", ".", "..")]
+    if odd:
+        raise BundleError(f"bundle {path}: file name {odd[0]!r} in {MANIFEST} is not a plain file name")
+
+
+def reexport_command(path: Path, manifest: Mapping[str, Any]) -> str:
+    """The `fedprompt export` command that rebuilds an older bundle in the current format."""
+    source = manifest.get("weights_source") or {}
+    weights = source.get("value") or "WEIGHTS"
+    extra = "".join(f" --precision {p}" for p in manifest.get("precisions", []) if p != "fp32")
+    return f"fedprompt export {manifest.get('model', 'MODEL')} --pretrained {weights} --out {path}{extra}"

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from edge_client.prompts import ClassPrompts, ClassTokens
-from edge_client.text_tower import LAYER_NORM_EPS, FrozenTextTower, _FrozenBlock
+from edge_client.residual_block import LAYER_NORM_EPS, FrozenResidualBlock
+from edge_client.text_tower import FrozenTextTower
 
 ENCODINGS = ("shared", "cut", "full")
 
@@ -69,11 +70,11 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(n, length, heads, width // heads).transpose(1, 2)
 
 
-def _norm_1(block: _FrozenBlock, x: torch.Tensor) -> torch.Tensor:
+def _norm_1(block: FrozenResidualBlock, x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, (x.shape[-1],), block.ln_1_weight, block.ln_1_bias, LAYER_NORM_EPS)
 
 
-def _keys_values(block: _FrozenBlock, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _keys_values(block: FrozenResidualBlock, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention keys and values [N, heads, L, W/heads] of layer-normed inputs [N, L, W]."""
     width = normed.shape[2]
     weight_kv, bias_kv = block.attn_in_proj_weight[width:], block.attn_in_proj_bias[width:]
@@ -82,7 +83,7 @@ def _keys_values(block: _FrozenBlock, normed: torch.Tensor) -> tuple[torch.Tenso
 
 
 def _suffix_block(
-    block: _FrozenBlock,
+    block: FrozenResidualBlock,
     suffix: torch.Tensor,
     prefix_keys: torch.Tensor,
     prefix_values: torch.Tensor,

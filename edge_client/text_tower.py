@@ -2,8 +2,9 @@
 
 Gradients cannot flow through an onnxruntime session, so prompt learning back-propagates through
 this module instead. It is written for that job: no parameters (only buffers, so optimisers and
-opacus never see them), fused attention via `scaled_dot_product_attention`, and dynamic sequence
-length so that callers can cut sequences after the last EOT token (exact for a causal tower).
+opacus never see them), the residual blocks shared with the image tower
+(`edge_client.residual_block`), and dynamic sequence length so that callers can cut sequences after
+the last EOT token (exact for a causal tower).
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LAYER_NORM_EPS = 1e-5
-ACTIVATIONS = ("gelu", "quick_gelu")
+from edge_client.residual_block import LAYER_NORM_EPS, BlockSpec, frozen_blocks
 
 
 @dataclass(frozen=True)
@@ -34,12 +34,9 @@ class TextTowerSpec:
     causal: bool = True
 
     def __post_init__(self) -> None:
-        if self.act not in ACTIVATIONS:
-            raise ValueError(f"unknown text-tower activation {self.act!r}; expected one of {ACTIVATIONS}")
         if self.pool != "eot":
             raise ValueError(f"unknown text-tower pooling {self.pool!r}; only 'eot' is supported")
-        if self.width % self.heads:
-            raise ValueError(f"text width {self.width} is not divisible by {self.heads} heads")
+        _ = self.block  # BlockSpec refuses an unknown activation or a width the heads do not divide
 
     @classmethod
     def from_manifest(cls, entry: Mapping[str, Any]) -> TextTowerSpec:
@@ -48,46 +45,9 @@ class TextTowerSpec:
     def to_manifest(self) -> dict[str, Any]:
         return asdict(self)
 
-
-def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
-
-
-class _FrozenBlock(nn.Module):
-    """One residual attention block: x + attn(ln_1(x)), then x + mlp(ln_2(x)), optional layer scale."""
-
-    def __init__(self, spec: TextTowerSpec, tensors: Mapping[str, torch.Tensor]) -> None:
-        super().__init__()
-        self.spec = spec
-        for name, tensor in tensors.items():
-            self.register_buffer(name.replace(".", "_"), tensor.detach().to(torch.float32).contiguous())
-        self.activation = F.gelu if spec.act == "gelu" else _quick_gelu
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, length, _ = x.shape
-        width, heads = self.spec.width, self.spec.heads  # python ints keep the ONNX graph's shapes static
-        h = F.layer_norm(x, (width,), self.ln_1_weight, self.ln_1_bias, LAYER_NORM_EPS)
-        qkv = F.linear(h, self.attn_in_proj_weight, self.attn_in_proj_bias)
-        q, k, v = qkv.view(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=self.spec.causal)
-        return self.after_attention(x, attended.transpose(1, 2).reshape(n, length, width))
-
-    def after_attention(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        """The rest of the block once attention has run ([N,L,W] with heads merged): output
-        projection and MLP, each with its residual. Shared with the prompt encoder's partial blocks."""
-        width = self.spec.width
-        attended = F.linear(attended, self.attn_out_proj_weight, self.attn_out_proj_bias)
-        if self.spec.layer_scale:
-            attended = attended * self.ls_1_gamma
-        x = x + attended
-        h = F.layer_norm(x, (width,), self.ln_2_weight, self.ln_2_bias, LAYER_NORM_EPS)
-        h = F.linear(
-            self.activation(F.linear(h, self.mlp_c_fc_weight, self.mlp_c_fc_bias)), self.mlp_c_proj_weight
-        )
-        h = h + self.mlp_c_proj_bias
-        if self.spec.layer_scale:
-            h = h * self.ls_2_gamma
-        return x + h
+    @property
+    def block(self) -> BlockSpec:
+        return BlockSpec(self.width, self.heads, self.act, self.layer_scale, self.causal)
 
 
 class FrozenTextTower(nn.Module):
@@ -106,10 +66,7 @@ class FrozenTextTower(nn.Module):
         self.register_buffer("ln_final_weight", tensors["ln_final.weight"].to(torch.float32))
         self.register_buffer("ln_final_bias", tensors["ln_final.bias"].to(torch.float32))
         self.register_buffer("text_projection", tensors["text_projection"].to(torch.float32))
-        self.blocks = nn.ModuleList(
-            _FrozenBlock(spec, _block_tensors(tensors, f"transformer.resblocks.{i}."))
-            for i in range(spec.layers)
-        )
+        self.blocks = frozen_blocks(spec.block, spec.layers, tensors, "text")
 
     @property
     def context_length(self) -> int:
@@ -147,11 +104,3 @@ class FrozenTextTower(nn.Module):
         eot = self.eot_positions(token_ids)
         cut = token_ids[:, : self.cut_length(eot)]
         return self(self.embed_tokens(cut), eot)
-
-
-def _block_tensors(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The tensors of one block, named relative to the block (e.g. 'attn.in_proj_weight')."""
-    block = {name[len(prefix) :]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
-    if not block:
-        raise KeyError(f"no tensors named {prefix}* in the text tower")
-    return block

@@ -11,6 +11,7 @@ from export.errors import ExportError
 from export.exporter import DEFAULT_OPSET, export_bundle
 from export.models import known_models
 from export.onnx_graphs import MIN_OPSET
+from export.signing import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, generate_key_pair
 from export.verify import summary, verify_bundle
 
 
@@ -18,6 +19,18 @@ def _list_models(ctx: click.Context, _param: click.Parameter, value: bool) -> No
     if value and not ctx.resilient_parsing:
         click.echo("\n".join(known_models()))
         ctx.exit()
+
+
+def _keygen(ctx: click.Context, _param: click.Parameter, value: Path | None) -> None:
+    if value is None or ctx.resilient_parsing:
+        return
+    try:
+        private, public = generate_key_pair(value)
+    except ExportError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"wrote {private} (private: keep it secret, sign with --sign-key {private})")
+    click.echo(f"wrote {public} (public: give it to devices and to fedprompt verify --trust-key {public})")
+    ctx.exit()
 
 
 @click.command("export")
@@ -37,8 +50,8 @@ def _list_models(ctx: click.Context, _param: click.Parameter, value: bool) -> No
     default=("fp32",),
     show_default=True,
     type=click.Choice(["fp32", "fp16", "int8"]),
-    help="Extra graphs besides fp32 (always written): fp16 (image and text, float32 inputs and "
-    "outputs) and/or int8 (dynamically quantised image encoder). Repeatable.",
+    help="Extra graphs besides fp32 (always written): fp16 (image, prompted image and text, float32 "
+    "inputs and outputs) and/or int8 (dynamically quantised image encoder). Repeatable.",
 )
 @click.option(
     "--opset",
@@ -48,6 +61,21 @@ def _list_models(ctx: click.Context, _param: click.Parameter, value: bool) -> No
     help="ONNX opset of the graphs.",
 )
 @click.option(
+    "--sign-key",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Ed25519 private key (PEM) to sign the bundle with: writes manifest.sig over manifest.json.",
+)
+@click.option(
+    "--keygen",
+    type=click.Path(path_type=Path, file_okay=False),
+    expose_value=False,
+    is_eager=True,
+    callback=_keygen,
+    metavar="DIR",
+    help=f"Make an Ed25519 signing key pair in DIR ({PRIVATE_KEY_FILE}, mode 0600, and {PUBLIC_KEY_FILE}) "
+    "and exit. Existing keys are never overwritten.",
+)
+@click.option(
     "--list-models",
     is_flag=True,
     expose_value=False,
@@ -55,27 +83,44 @@ def _list_models(ctx: click.Context, _param: click.Parameter, value: bool) -> No
     callback=_list_models,
     help="List the model names that can be given (open_clip's and fedprompt's configs) and exit.",
 )
-def export_command(model: str, pretrained: str, out: Path, precisions: tuple[str, ...], opset: int) -> None:
-    """Export an open_clip MODEL into an ONNX bundle for edge clients.
+def export_command(
+    model: str, pretrained: str, out: Path, precisions: tuple[str, ...], opset: int, sign_key: Path | None
+) -> None:
+    """Export an open_clip MODEL into a bundle (format 2) for edge clients.
 
     The bundle holds the frozen image and text encoders as ONNX graphs, the text tower's tensors for
-    back-propagation in torch, and manifest.json (preprocessing, tokenizer, sha256 of every file,
-    parity against open_clip). Example: fedprompt export ViT-B-32 --pretrained none --out bundles/vit-b-32
+    back-propagation in torch, for ViT models the image tower's tensors and an image encoder that
+    takes visual prompt tokens, the tokenizer's vocabulary, and manifest.json (capabilities, parts,
+    preprocessing, tokenizer, sha256 of every file, parity against open_clip).
+    Example: fedprompt export ViT-B-32 --pretrained none --out bundles/vit-b-32
     """
     try:
-        path = export_bundle(model, pretrained, out, precisions, opset)
+        path = export_bundle(model, pretrained, out, precisions, opset, sign_key=sign_key)
     except ExportError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"wrote {path}: {summary(Bundle.open(path, check_hashes=False).manifest)}")
-    click.echo(f"check it with: fedprompt verify {path}")
+    public = sign_key.with_suffix(".pub") if sign_key else None
+    trust = "" if public is None else f" --trust-key {public if public.is_file() else 'PUBLIC_KEY.pem'}"
+    click.echo(f"check it with: fedprompt verify {path}{trust}")
 
 
 @click.command("verify")
 @click.argument("bundle", type=click.Path(path_type=Path))
-def verify_command(bundle: Path) -> None:
-    """Check a BUNDLE: sha256 of every file, the manifest, both graphs in onnxruntime against the
-    open_clip model rebuilt from the manifest (fresh random inputs; relative error = max|onnx - torch| /
-    max|torch|, limits 1e-4 fp32, 1e-2 fp16, cosine >= 0.99 int8), the torch text tower, and that text
-    sequences cut after the last EOT give the same features as full-length ones. Exit status 1 on failure."""
-    if not verify_bundle(bundle, click.echo):
+@click.option(
+    "--trust-key",
+    "trusted_keys",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Ed25519 public key (PEM) the bundle must be signed by (manifest.sig). Repeatable: any one "
+    "of them may have signed it.",
+)
+def verify_command(bundle: Path, trusted_keys: tuple[Path, ...]) -> None:
+    """Check a BUNDLE: the sha256 of every file (and with --trust-key its signature); that the files
+    on disk are exactly the listed ones; every manifest field against the open_clip model rebuilt
+    from the manifest (preprocessing, logit scale, tokenizer, dimensions, tower specs, capabilities
+    and parts); the tokenizer's ids against open_clip's; every graph in onnxruntime and the torch
+    towers against that model on fresh random inputs (relative error = max|onnx - torch| /
+    max|torch|, limits 1e-4 fp32, 1e-2 fp16, cosine >= 0.99 int8), with and without visual prompt
+    tokens; that text cut after the last EOT gives the full-length features. Exit status 1 on failure."""
+    if not verify_bundle(bundle, click.echo, trusted_keys):
         raise SystemExit(1)

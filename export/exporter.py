@@ -12,26 +12,43 @@ import onnx
 import onnxruntime
 import open_clip
 import torch
-from open_clip.tokenizer import SimpleTokenizer
+from open_clip.tokenizer import default_bpe
 from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
 from edge_client.bundle import (
-    FORMAT_VERSION,
+    IMAGE_TOWER_FILE,
     MANIFEST,
     PRECISIONS,
     TEXT_TOWER_FILE,
+    VOCAB_FILE,
     Bundle,
-    encoder_file,
+    graph_file,
     sha256_file,
 )
-from edge_client.text_tower import FrozenTextTower, TextTowerSpec
+from edge_client.bundle_signature import SIGNATURE_FILE
+from edge_client.image_tower import FrozenImageTower, ImageTowerSpec
+from edge_client.text_tower import FrozenTextTower
 from export.errors import ExportError, UnsupportedModelError
+from export.manifest import check_tokenizer, describe_model, image_size_of
 from export.models import DEFAULT_SEED, WeightsSource, build_model, parse_weights
-from export.onnx_graphs import convert_to_fp16, export_image_encoder, export_text_encoder, quantize_to_int8
+from export.onnx_graphs import (
+    convert_to_fp16,
+    export_image_encoder,
+    export_prompted_image_encoder,
+    export_text_encoder,
+    quantize_to_int8,
+)
 from export.parity import measure_parity
-from export.towers import ImageEncoder, TextParts, text_parts, text_tower_spec
+from export.signing import load_signing_key
+from export.towers import (
+    ImageEncoder,
+    image_tower_spec,
+    image_tower_tensors,
+    text_parts,
+    text_tower_spec,
+)
 
 DEFAULT_OPSET = 17
 
@@ -44,27 +61,32 @@ def export_bundle(
     opset: int = DEFAULT_OPSET,
     seed: int = DEFAULT_SEED,
     progress: bool = True,
+    sign_key: Path | None = None,
 ) -> Path:
     """Write the bundle of `model_name` into `out` and return its path. fp32 graphs are always
-    written; fp16 adds fp16 image and text graphs, int8 a quantised image graph."""
+    written; fp16 adds fp16 image, prompted image and text graphs, int8 a quantised image graph.
+    With `sign_key`, manifest.sig is its Ed25519 signature of manifest.json."""
     unknown = set(precisions) - set(PRECISIONS)
     if unknown:
         raise ExportError(f"unknown precision(s) {sorted(unknown)}; choose from {list(PRECISIONS)}")
     chosen = [p for p in PRECISIONS if p == "fp32" or p in precisions]
     _check_output(out)
+    signer = load_signing_key(sign_key) if sign_key is not None else None  # fail before the long part
     weights = parse_weights(pretrained)
     model = build_model(model_name, weights, seed)
-    _check_tokenizer(model_name)
-    parts = text_parts(model)
-    spec = text_tower_spec(parts)
+    check_tokenizer(model_name)
+    image_spec = image_tower_spec(model)  # refuses ViT variants before anything is written
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         manifest = _write_bundle(
-            staging, model_name, model, weights, seed, parts, spec, chosen, opset, progress
+            staging, model_name, model, weights, seed, image_spec, chosen, opset, progress
         )
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest_bytes = (json.dumps(manifest, indent=2) + "\n").encode()
+        (staging / MANIFEST).write_bytes(manifest_bytes)
+        if signer is not None:
+            (staging / SIGNATURE_FILE).write_bytes(signer.sign(manifest_bytes))
         shutil.rmtree(out, ignore_errors=True)
         staging.rename(out)
     finally:
@@ -78,59 +100,61 @@ def _write_bundle(
     model: nn.Module,
     weights: WeightsSource,
     seed: int,
-    parts: TextParts,
-    spec: TextTowerSpec,
+    image_spec: ImageTowerSpec | None,
     precisions: list[str],
     opset: int,
     progress: bool,
 ) -> dict[str, Any]:
     """Write every file into `out` with a progress bar; return the manifest (with parity results)."""
+    parts = text_parts(model)
+    text_spec = text_tower_spec(parts)
     steps = [
-        "text tower",
+        "towers",
         "image encoder",
+        *(["prompted image encoder"] if image_spec else []),
         "text encoder",
         *[f"{p} graphs" for p in precisions[1:]],
         "parity",
     ]
     with tqdm(total=len(steps), desc=f"export {model_name}", unit="step", disable=not progress) as bar:
-        bar.set_postfix_str("text tower")
+        bar.set_postfix_str("towers")
         tensors = parts.state_dict()
         save_file(tensors, str(out / TEXT_TOWER_FILE))
+        shutil.copyfile(default_bpe(), out / VOCAB_FILE)
+        if image_spec:
+            visual = image_tower_tensors(model)
+            save_file(visual, str(out / IMAGE_TOWER_FILE))
         bar.update()
 
         bar.set_postfix_str("image encoder")
-        image_size = _image_size(model)
-        export_image_encoder(ImageEncoder(model), image_size, out / encoder_file("image", "fp32"), opset)
+        export_image_encoder(
+            ImageEncoder(model), image_size_of(model), out / graph_file("image_encoder", "fp32"), opset
+        )
         bar.update()
 
+        if image_spec:
+            bar.set_postfix_str("prompted image encoder")
+            tower = FrozenImageTower(image_spec, visual)
+            export_prompted_image_encoder(tower, out / graph_file("image_encoder_prompted", "fp32"), opset)
+            bar.update()
+
         bar.set_postfix_str("text encoder")
-        tokenizer = SimpleTokenizer(context_length=model.context_length)
-        tower = FrozenTextTower(spec, tensors, eot_token_id=tokenizer.eot_token_id)
+        eot = int(open_clip.get_tokenizer(model_name).eot_token_id)
+        text_tower = FrozenTextTower(text_spec, tensors, eot_token_id=eot)
         export_text_encoder(
-            tower, model.context_length, spec.width, out / encoder_file("text", "fp32"), opset
+            text_tower, model.context_length, text_spec.width, out / graph_file("text_encoder", "fp32"), opset
         )
         bar.update()
 
         for precision in precisions[1:]:
             bar.set_postfix_str(f"{precision} graphs")
-            _write_precision(out, precision)
+            _write_precision(out, precision, prompted=image_spec is not None)
             bar.update()
 
         bar.set_postfix_str("parity")
-        embed_dim = int(tensors["text_projection"].shape[1])
-        manifest = _manifest(
-            model_name,
-            model,
-            embed_dim,
-            weights,
-            seed,
-            spec.to_manifest(),
-            image_size,
-            tokenizer,
-            opset,
-            precisions,
-            _files(out),
-        )
+        manifest = describe_model(model_name, model, weights, seed, opset, precisions)
+        manifest["files"] = _files(out)
+        manifest["versions"] = {m.__name__: m.__version__ for m in (torch, open_clip, onnx, onnxruntime)}
         manifest["parity"] = measure_parity(model, Bundle(out, manifest))
         bar.update()
     return manifest
@@ -144,28 +168,16 @@ def _check_output(out: Path) -> None:
         raise ExportError(f"--out {out} is a non-empty directory that is not a bundle; choose another path")
 
 
-def _check_tokenizer(model_name: str) -> None:
-    text_cfg = (open_clip.get_model_config(model_name) or {}).get("text_cfg", {})
-    if text_cfg.get("hf_tokenizer_name"):
-        raise UnsupportedModelError(
-            f"{model_name} uses the Hugging Face tokenizer {text_cfg['hf_tokenizer_name']}; only open_clip's "
-            "BPE tokenizer is supported on the edge client"
-        )
-
-
-def _image_size(model: nn.Module) -> tuple[int, int]:
-    size = open_clip.get_model_preprocess_cfg(model)["size"]
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-def _write_precision(out: Path, precision: str) -> None:
-    image_fp32 = out / encoder_file("image", "fp32")
+def _write_precision(out: Path, precision: str, prompted: bool) -> None:
+    graphs = ["image_encoder", "text_encoder", *(["image_encoder_prompted"] if prompted else [])]
     try:
         if precision == "fp16":
-            convert_to_fp16(image_fp32, out / encoder_file("image", "fp16"))
-            convert_to_fp16(out / encoder_file("text", "fp32"), out / encoder_file("text", "fp16"))
+            for part in graphs:
+                convert_to_fp16(out / graph_file(part, "fp32"), out / graph_file(part, "fp16"))
         else:
-            quantize_to_int8(image_fp32, out / encoder_file("image", "int8"))
+            quantize_to_int8(
+                out / graph_file("image_encoder", "fp32"), out / graph_file("image_encoder", "int8")
+            )
     except Exception as error:  # onnx/onnxruntime converters raise many types; each means "cannot convert"
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UnsupportedModelError(
@@ -177,55 +189,5 @@ def _files(out: Path) -> dict[str, dict[str, Any]]:
     return {
         f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
         for f in sorted(out.iterdir())
-        if f.is_file() and f.name != MANIFEST
-    }
-
-
-def _manifest(
-    model_name: str,
-    model: nn.Module,
-    embed_dim: int,
-    weights: WeightsSource,
-    seed: int,
-    text_tower: dict[str, Any],
-    image_size: tuple[int, int],
-    tokenizer: SimpleTokenizer,
-    opset: int,
-    precisions: list[str],
-    files: dict[str, dict[str, Any]],
-) -> dict[str, Any]:
-    preprocess = open_clip.get_model_preprocess_cfg(model)
-    return {
-        "format_version": FORMAT_VERSION,
-        "model": model_name,
-        "weights": weights.manifest_entry(),
-        "weights_source": {"kind": weights.kind, "value": weights.value, "sha256": weights.sha256},
-        "seed": seed,
-        "embed_dim": embed_dim,
-        "text_width": text_tower["width"],
-        "context_length": int(model.context_length),
-        "vocab_size": int(model.vocab_size),
-        "image_size": list(image_size),
-        "preprocess": {
-            "resize": image_size[0] if image_size[0] == image_size[1] else list(image_size),
-            "resize_mode": preprocess.get("resize_mode", "shortest"),
-            "interpolation": preprocess.get("interpolation", "bicubic"),
-            "crop": image_size[0] if image_size[0] == image_size[1] else list(image_size),
-            "mean": list(preprocess["mean"]),
-            "std": list(preprocess["std"]),
-        },
-        "tokenizer": {
-            "kind": "open_clip",
-            "name": model_name,
-            "sot_token_id": tokenizer.sot_token_id,
-            "eot_token_id": tokenizer.eot_token_id,
-        },
-        "logit_scale": float(model.logit_scale.exp().item()),
-        "text_tower": text_tower,
-        "opset": opset,
-        "precisions": precisions,
-        "default_precision": "fp16" if "fp16" in precisions else "fp32",  # int8 (lossy) only on request
-        "files": files,
-        "versions": {m.__name__: m.__version__ for m in (torch, open_clip, onnx, onnxruntime)},
-        "parity": {},
+        if f.is_file() and f.name not in (MANIFEST, SIGNATURE_FILE)
     }

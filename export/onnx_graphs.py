@@ -13,6 +13,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.transformers.float16 import convert_float_to_float16
 from torch import nn
 
+from edge_client.image_tower import FrozenImageTower
 from export.errors import UnsupportedModelError
 from export.quiet import quiet_root_logger
 
@@ -22,17 +23,27 @@ EXAMPLE_BATCH = 2
 
 def export_image_encoder(encoder: nn.Module, image_size: tuple[int, int], path: Path, opset: int) -> None:
     """images float32 [N,3,H,W] -> image_features float32 [N,D], dynamic N."""
-    example = torch.randn(EXAMPLE_BATCH, 3, *image_size)
-    _export(
-        encoder,
-        (example,),
-        path,
-        opset,
-        ["images"],
-        ["image_features"],
-        {"images": {0: "batch"}, "image_features": {0: "batch"}},
-        tower="image",
-    )
+    inputs = {"images": torch.randn(EXAMPLE_BATCH, 3, *image_size)}
+    axes = {"images": {0: "batch"}, "image_features": {0: "batch"}}
+    _export(encoder, inputs, ["image_features"], axes, path, opset, tower="image")
+
+
+def export_prompted_image_encoder(tower: FrozenImageTower, path: Path, opset: int) -> None:
+    """images float32 [N,3,H,W] + prompt_tokens float32 [N,P,Wv] -> image_features [N,D] and
+    patch_tokens [N,T,Wv], dynamic N and P (P = 0 allowed). Exported from FrozenImageTower, whose
+    attention takes the sequence length from its input (open_clip's MHA traces it as a constant)."""
+    spec = tower.spec
+    inputs = {
+        "images": torch.randn(EXAMPLE_BATCH, 3, *spec.image_size),
+        "prompt_tokens": torch.randn(EXAMPLE_BATCH, 2, spec.width),
+    }
+    axes = {
+        "images": {0: "batch"},
+        "prompt_tokens": {0: "batch", 1: "prompts"},
+        "image_features": {0: "batch"},
+        "patch_tokens": {0: "batch"},
+    }
+    _export(tower, inputs, ["image_features", "patch_tokens"], axes, path, opset, tower="prompted image")
 
 
 def export_text_encoder(encoder: nn.Module, context_length: int, width: int, path: Path, opset: int) -> None:
@@ -41,34 +52,28 @@ def export_text_encoder(encoder: nn.Module, context_length: int, width: int, pat
     Traced at a length below the context length so that the slices of the positional embedding and
     the causal mask stay symbolic in L."""
     length = max(2, context_length // 2)
-    example = (torch.randn(EXAMPLE_BATCH, length, width), torch.tensor([length - 1, 1], dtype=torch.int64))
+    inputs = {
+        "prompt_embeddings": torch.randn(EXAMPLE_BATCH, length, width),
+        "eot_positions": torch.tensor([length - 1, 1], dtype=torch.int64),
+    }
     axes = {
         "prompt_embeddings": {0: "batch", 1: "length"},
         "eot_positions": {0: "batch"},
         "text_features": {0: "batch"},
     }
-    _export(
-        encoder,
-        example,
-        path,
-        opset,
-        ["prompt_embeddings", "eot_positions"],
-        ["text_features"],
-        axes,
-        tower="text",
-    )
+    _export(encoder, inputs, ["text_features"], axes, path, opset, tower="text")
 
 
 def _export(
     module: nn.Module,
-    example: tuple[torch.Tensor, ...],
-    path: Path,
-    opset: int,
-    input_names: list[str],
+    inputs: dict[str, torch.Tensor],
     output_names: list[str],
     dynamic_axes: dict[str, dict[int, str]],
+    path: Path,
+    opset: int,
     tower: str,
 ) -> None:
+    """Trace `module` on the example `inputs` (name -> tensor, in argument order) into `path`."""
     if opset < MIN_OPSET:
         raise UnsupportedModelError(f"opset {opset} is too old; fedprompt needs opset >= {MIN_OPSET}")
     torch.backends.mha.set_fastpath_enabled(False)  # the fused MHA kernel has no ONNX symbolic
@@ -77,11 +82,11 @@ def _export(
             warnings.simplefilter("ignore")  # tracer warnings about python control flow are expected
             torch.onnx.export(
                 module.eval(),
-                example,
+                tuple(inputs.values()),
                 str(path),
                 dynamo=False,
                 opset_version=opset,
-                input_names=input_names,
+                input_names=list(inputs),
                 output_names=output_names,
                 dynamic_axes=dynamic_axes,
                 do_constant_folding=True,

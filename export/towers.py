@@ -1,15 +1,17 @@
-"""The two towers of an open_clip model as exportable modules, and the checks that say when a tower
-is something fedprompt cannot export (with the reason, for one clear line)."""
+"""The towers of an open_clip model as exportable modules and tensors, and the checks that say when a
+tower is something fedprompt cannot export (with the reason, for one clear line)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from open_clip.transformer import LayerNorm, LayerScale, QuickGELU, ResidualAttentionBlock
+from open_clip.transformer import LayerNorm, LayerScale, QuickGELU, ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
-from edge_client.text_tower import LAYER_NORM_EPS, TextTowerSpec
+from edge_client.image_tower import ImageTowerSpec
+from edge_client.residual_block import LAYER_NORM_EPS
+from edge_client.text_tower import TextTowerSpec
 from export.errors import UnsupportedModelError
 
 EOT_POOLING = ("argmax", "eos")  # open_clip's two ways of reading the feature at the EOT token
@@ -71,16 +73,69 @@ def text_parts(model: nn.Module) -> TextParts:
 def text_tower_spec(parts: TextParts) -> TextTowerSpec:
     """The manifest's `text_tower` entry; refuses blocks that FrozenTextTower does not implement."""
     blocks = list(parts.transformer.resblocks)
+    shape = _block_shape(blocks, [parts.ln_final], "text")
+    return TextTowerSpec(
+        layers=len(blocks),
+        width=parts.positional_embedding.shape[1],
+        causal=parts.attn_mask is not None,
+        **shape,
+    )
+
+
+def image_tower_spec(model: nn.Module) -> ImageTowerSpec | None:
+    """The spec of the model's ViT image tower for FrozenImageTower, None when the image tower is not
+    open_clip's VisionTransformer (RN50, timm towers: no visual prompts). Refuses, in one line, a
+    VisionTransformer variant that FrozenImageTower does not implement."""
+    visual = model.visual
+    if not isinstance(visual, VisionTransformer):
+        return None
+    refusals = {
+        "attentional pooling": visual.attn_pool is not None,
+        "layer norm after pooling (final_ln_after_pool)": visual.final_ln_after_pool,
+        f"pooling {visual.pool_type!r} (only the class token)": visual.pool_type != "tok",
+        "no layer norm before the transformer (no_ln_pre)": not isinstance(visual.ln_pre, nn.LayerNorm),
+        "no output projection": not isinstance(visual.proj, nn.Parameter),
+        "a bias on the patch embedding": visual.conv1.bias is not None,
+        "a class embedding that is not one vector": tuple(visual.class_embedding.shape)
+        != (visual.conv1.out_channels,),
+    }
+    refused = [what for what, present in refusals.items() if present]
+    if refused:
+        raise UnsupportedModelError(f"ViT image towers with {refused[0]} are not supported")
+    blocks = list(visual.transformer.resblocks)
+    shape = _block_shape(blocks, [visual.ln_pre, visual.ln_post], "image")
+    spec = ImageTowerSpec(
+        layers=len(blocks),
+        width=visual.conv1.out_channels,
+        image_size=tuple(visual.image_size),
+        patch_size=tuple(visual.patch_size),
+        output_dim=int(visual.proj.shape[1]),
+        **shape,
+    )
+    if tuple(visual.positional_embedding.shape) != (spec.tokens + 1, spec.width):
+        raise UnsupportedModelError("ViT image towers whose positional embedding is not one per token")
+    return spec
+
+
+def image_tower_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """fp32 tensors of the ViT image tower under open_clip's names (docs/architecture.md)."""
+    return {k: v.detach().to(torch.float32).contiguous() for k, v in model.visual.state_dict().items()}
+
+
+def _block_shape(blocks: list[nn.Module], norms: list[nn.Module], tower: str) -> dict[str, object]:
+    """heads, mlp_width, act and layer_scale of a tower's residual blocks, which must be what
+    `edge_client.residual_block` implements (open_clip's ResidualAttentionBlock, LayerNorm(eps=1e-5),
+    gelu or quick_gelu)."""
     first = blocks[0]
     if not all(type(b) is ResidualAttentionBlock for b in blocks):
         raise UnsupportedModelError(
-            f"text blocks of type {type(first).__name__} are not supported "
+            f"{tower} blocks of type {type(first).__name__} are not supported "
             "(only open_clip's ResidualAttentionBlock)"
         )
-    norms = [parts.ln_final, *(m for b in blocks for m in (b.ln_1, b.ln_2))]
+    norms = [*norms, *(m for b in blocks for m in (b.ln_1, b.ln_2))]
     if not all(isinstance(n, LayerNorm | nn.LayerNorm) and n.eps == LAYER_NORM_EPS for n in norms):
         raise UnsupportedModelError(
-            f"text layer norms other than LayerNorm(eps={LAYER_NORM_EPS}) are not supported"
+            f"{tower} layer norms other than LayerNorm(eps={LAYER_NORM_EPS}) are not supported"
         )
     activation = first.mlp.gelu
     if isinstance(activation, QuickGELU):
@@ -88,39 +143,15 @@ def text_tower_spec(parts: TextParts) -> TextTowerSpec:
     elif isinstance(activation, nn.GELU) and activation.approximate == "none":
         act = "gelu"
     else:
-        raise UnsupportedModelError(f"text activation {activation!r} is not supported (gelu or quick_gelu)")
-    return TextTowerSpec(
-        layers=len(blocks),
-        heads=first.attn.num_heads,
-        width=parts.positional_embedding.shape[1],
-        mlp_width=first.mlp.c_fc.out_features,
-        act=act,
-        layer_scale=isinstance(first.ls_1, LayerScale),
-        causal=parts.attn_mask is not None,
-    )
-
-
-class TextEncoder(nn.Module):
-    """(prompt_embeddings [N,L,W], eot_positions [N]) -> [N,D] with open_clip's own modules.
-
-    The graph exported as text_encoder.onnx, and the torch reference that verify compares with.
-    Positional embeddings and the causal mask are sliced to L inside the graph."""
-
-    def __init__(self, parts: TextParts) -> None:
-        super().__init__()
-        self.transformer = parts.transformer
-        self.ln_final = parts.ln_final
-        self.positional_embedding = parts.positional_embedding
-        self.text_projection = parts.text_projection
-        self.register_buffer("attn_mask", parts.attn_mask, persistent=False)
-
-    def forward(self, prompt_embeddings: torch.Tensor, eot_positions: torch.Tensor) -> torch.Tensor:
-        length = prompt_embeddings.shape[1]
-        x = prompt_embeddings + self.positional_embedding[:length]
-        mask = None if self.attn_mask is None else self.attn_mask[:length, :length]
-        x = self.ln_final(self.transformer(x, attn_mask=mask))
-        pooled = x[torch.arange(x.shape[0]), eot_positions]
-        return pooled @ self.text_projection
+        raise UnsupportedModelError(
+            f"{tower} activation {activation!r} is not supported (gelu or quick_gelu)"
+        )
+    return {
+        "heads": first.attn.num_heads,
+        "mlp_width": first.mlp.c_fc.out_features,
+        "act": act,
+        "layer_scale": isinstance(first.ls_1, LayerScale),
+    }
 
 
 class ImageEncoder(nn.Module):

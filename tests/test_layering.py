@@ -1,5 +1,5 @@
 """The package boundaries of the design: edge_client and aggregator never import each other, only
-export imports open_clip's model code, and every method has both halves."""
+export imports open_clip (the edge client has its own tokenizer), and every method has both halves."""
 
 from __future__ import annotations
 
@@ -31,11 +31,9 @@ def test_client_and_server_never_import_each_other(package: str, forbidden: str)
 
 
 @pytest.mark.parametrize("package", ["edge_client", "aggregator", "protos", "fedprompt/common"])
-def test_only_export_builds_open_clip_models(package: str) -> None:
-    offending = {
-        m for m in imported_modules(package) if m.split(".")[0] == "open_clip" and m != "open_clip.tokenizer"
-    }
-    assert not offending, f"{package} imports open_clip model code: {sorted(offending)}"
+def test_only_export_imports_open_clip(package: str) -> None:
+    offending = {m for m in imported_modules(package) if m.split(".")[0] == "open_clip"}
+    assert not offending, f"{package} imports open_clip: {sorted(offending)}"
 
 
 def test_shared_place_imports_neither_half() -> None:
