@@ -7,6 +7,9 @@ Methods are built as `CLIENT_METHODS[name](workspace)` and keep no data of their
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +25,10 @@ from edge_client.prompt_encoder import PromptTextEncoder
 from edge_client.prompts import PromptError, tokenize_class_prompts
 from edge_client.text_tower import FrozenTextTower
 from edge_client.training import normalise
+from fedprompt.common.files import write_atomically
 
 FEATURES_DIR = "features"
+HOLDOUT_KEY_FILE = "holdout.key"
 
 
 class WorkspaceError(Exception):
@@ -45,16 +50,33 @@ class LabelledFeatures:
         return self.features, self.labels
 
 
-def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, held-out indices): `fraction` of each class held out, chosen by `seed`;
-    a class with a single image stays in training."""
-    rng = np.random.default_rng(seed)
-    held: list[np.ndarray] = []
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        held.append(members[: int(len(members) * fraction)])
-    held_out = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
-    return np.setdiff1d(np.arange(len(labels)), held_out), held_out
+def holdout_split(images: ImageSet, fraction: float, key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, held-out indices): each image is held out when HMAC-SHA256(key, its content
+    digest), read as a number in [0, 1), is below `fraction`.
+
+    Each image's side depends on its own content and the key only, so adding or removing one image
+    moves no other image between the sides: DP-SGD's example-level guarantee then covers an example
+    of the device's data, not only of one particular split of it (a seeded permutation per class
+    moved dozens of other images when one was added). Identical images fall on the same side.
+    """
+    held = np.zeros(len(images), dtype=bool)
+    for index in range(len(images)):
+        tag = hmac.new(key, bytes.fromhex(images.content_digest(index)), hashlib.sha256).digest()
+        held[index] = int.from_bytes(tag[:8], "big") < fraction * 2**64
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def holdout_key(state_dir: Path) -> bytes:
+    """The device's secret hold-out key, made once from OS entropy and kept in its state folder (so
+    the split stays the same across restarts and no one else can predict it)."""
+    path = Path(state_dir) / HOLDOUT_KEY_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, secrets.token_bytes(32))
+    key = path.read_bytes()
+    if len(key) != 32:
+        raise WorkspaceError(f"{path} is not a 32-byte hold-out key; remove it to make a new split")
+    return key
 
 
 class ClientWorkspace:
@@ -88,20 +110,23 @@ class ClientWorkspace:
         precision: str | None = None,
         providers: Sequence[str] | None = None,
         holdout_fraction: float = 0.2,
-        holdout_seed: int = 0,
+        holdout_secret: bytes | None = None,
         progress: bool = True,
     ) -> ClientWorkspace:
         """Open and verify the bundle, read the data, compute (or reuse cached) image features.
 
-        Without `eval_data`, a seeded `holdout_fraction` of each class of the training data is held
-        out for local evaluation. Bad data raises WorkspaceError, a bad bundle BundleError.
+        Without `eval_data`, about `holdout_fraction` of the training images are held out for local
+        evaluation, each by a keyed hash of its content (`holdout_split`; the key is
+        `holdout_secret`, by default the device's own from `holdout_key`). Bad data raises
+        WorkspaceError, a bad bundle BundleError.
         """
         bundle = Bundle.open(bundle_dir)
         state_dir = Path(state_dir)
         try:
             train_images = _images(train_data)
             if eval_data is None:
-                train_idx, eval_idx = holdout_split(train_images.labels, holdout_fraction, holdout_seed)
+                key = holdout_secret if holdout_secret is not None else holdout_key(state_dir)
+                train_idx, eval_idx = holdout_split(train_images, holdout_fraction, key)
                 train_images, eval_images = train_images.subset(train_idx), train_images.subset(eval_idx)
             else:
                 eval_images = _images(eval_data)

@@ -164,7 +164,8 @@ def test_client_uploads_only_the_global_prompt_keeps_the_local_one_and_accounts_
     second = client.run_round(_task(2, settings, first.tensors))
     moved = load_tensors(state_file(state, "dpfpl", "run-a"))["local"]
     assert not np.allclose(moved, saved["local"])  # the local prompt went on from where it was saved
-    q, steps = 8 / 32, 4
+    n = len(workspace.train)
+    q, steps = 8 / n, -(-n // 8)
     assert second.privacy["epsilon"] == pytest.approx(_rdp_epsilon(1.1, q, 2 * steps), rel=1e-9)
     assert (second.privacy["sample_rate"], second.privacy["total_steps"]) == (q, 2 * steps)
     assert {"accuracy", "received_accuracy", "train_loss"} <= set(second.metrics)

@@ -22,6 +22,7 @@ from fedprompt.harness.experiment_config import DataConfig, SplitConfig
 from fedprompt.harness.splits import ClientSplit, apply_shift, make_splits
 
 BUILTIN_WITH_TEST_SPLIT = "fashion-mnist"
+POOL_HOLDOUT_KEY = b"fedprompt experiment pool"  # public: the pools are the experimenter's, not a device's
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def load_pools(data: DataConfig, base_dir: Path) -> ImagePools:
         return ImagePools(images, load_dataset(_resolve(data.eval_source, base_dir)))
     if data.source == BUILTIN_WITH_TEST_SPLIT:
         return ImagePools(images, load_dataset(f"{BUILTIN_WITH_TEST_SPLIT}:test"))
-    train_idx, eval_idx = holdout_split(images.labels, data.eval_fraction, seed=0)
+    train_idx, eval_idx = holdout_split(images, data.eval_fraction, POOL_HOLDOUT_KEY)
     return ImagePools(images.subset(train_idx), images.subset(eval_idx))
 
 
