@@ -22,7 +22,7 @@ from edge_client.bundle import Bundle
 from edge_client.dp_sgd import per_example_gradients
 from edge_client.local_privacy import RoundCost
 from edge_client.methods.base import RoundTask
-from edge_client.methods.dpfpl import PersonalPrompt, train_personal
+from edge_client.methods.dpfpl import PersonalObjective, PersonalPrompt, train_personal
 from edge_client.methods.local_state import load_tensors, state_file
 from edge_client.methods.low_rank import factorise
 from edge_client.methods.registry import CLIENT_METHODS
@@ -123,10 +123,9 @@ def test_local_dp_clips_each_examples_gradient_over_global_and_low_rank_parts_jo
     prompt, theta = _personal(text)
     prompt.refactorise(theta)  # what the step does first
 
-    def features(t: torch.Tensor) -> torch.Tensor:
-        return text["encode"](prompt.prompt(t))
-
-    grads, _, _ = per_example_gradients(theta, features, text["images"], text["labels"], SCALE)
+    objective = PersonalObjective(prompt, text["encode"], SCALE)
+    grads, _, _ = per_example_gradients(objective, {"theta": theta}, (text["images"],), text["labels"])
+    grads = grads["theta"]
     assert float(grads.norm(dim=1).min()) > 10 * clip  # clipping is active for every example
     sizes = [part.numel() for part in prompt.unpack(theta)]
     for part in grads.split(sizes, dim=1):  # every example has gradient in the global, u and v parts

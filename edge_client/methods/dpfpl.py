@@ -54,7 +54,14 @@ from edge_client.methods.local_state import load_tensors, save_tensors, state_fi
 from edge_client.methods.low_rank import factorise
 from edge_client.methods.round_parts import paid_round, received_tensor, round_generator
 from edge_client.prompts import initial_context
-from edge_client.training import TextEncoder, TrainStats, accuracy, train_plain
+from edge_client.training import (
+    Params,
+    PromptObjective,
+    TextEncoder,
+    TrainStats,
+    accuracy,
+    train_plain,
+)
 from edge_client.workspace import ClientWorkspace, LabelledFeatures, WorkspaceError
 from fedprompt.common.settings import SettingsError, TrainingSettings
 
@@ -103,6 +110,18 @@ class PersonalPrompt:
         self.residual = factors.residual
 
 
+class PersonalObjective(PromptObjective):
+    """CoOp's loss of the personalised prompt global + u @ v + residual, trained as the packed
+    {"theta": [global, u, v]}, re-factorised before every step."""
+
+    def __init__(self, prompt: PersonalPrompt, encode: TextEncoder, logit_scale: float) -> None:
+        super().__init__(lambda params: encode(prompt.prompt(params["theta"])), logit_scale)
+        self.prompt = prompt
+
+    def before_step(self, params: Params) -> None:
+        self.prompt.refactorise(params["theta"])
+
+
 def train_personal(
     prompt: PersonalPrompt,
     theta: torch.Tensor,
@@ -115,26 +134,15 @@ def train_personal(
 ) -> tuple[torch.Tensor, TrainStats]:
     """One round of local training of theta, re-factorising before every step: DP-SGD when the
     round has a local DP cost, plain otherwise. Returns the new theta."""
-
-    def text_features(packed: torch.Tensor) -> torch.Tensor:
-        return encode(prompt.prompt(packed))
-
+    objective = PersonalObjective(prompt, encode, logit_scale)
     features, labels = train.tensors()
     if cost is not None:
-        rate, steps = cost.sample_rate, cost.steps
-        return train_dp_sgd(
-            theta, text_features, features, labels, logit_scale, settings, rate, steps, prompt.refactorise
+        trained, stats = train_dp_sgd(
+            objective, {"theta": theta}, (features,), labels, settings, cost.sample_rate, cost.steps
         )
-    return train_plain(
-        theta,
-        text_features,
-        features,
-        labels,
-        logit_scale,
-        settings,
-        generator,
-        before_step=prompt.refactorise,
-    )
+    else:
+        trained, stats = train_plain(objective, {"theta": theta}, (features,), labels, settings, generator)
+    return trained["theta"], stats
 
 
 @register
@@ -170,10 +178,11 @@ class DPFPLClient(ClientMethod):
         prompt, theta = PersonalPrompt.start(global_ctx, local, settings.rank, warm_v, settings.seed)
         encode, scale = ws.text_encoder(settings.n_ctx), ws.logit_scale
         metrics: dict[str, float] = {}
+        held_out = PromptObjective.coop(encode, scale)
+        images, labels = ws.evaluation.tensors()
         if len(ws.evaluation):
-            metrics["received_accuracy"] = accuracy(
-                prompt.prompt(theta), encode, *ws.evaluation.tensors(), scale
-            )
+            received = {"ctx": prompt.prompt(theta)}
+            metrics["received_accuracy"] = accuracy(held_out, received, (images,), labels)
         theta, stats = train_personal(
             prompt, theta, encode, ws.train, scale, settings, cost, round_generator(settings, task.round_id)
         )
@@ -181,7 +190,7 @@ class DPFPLClient(ClientMethod):
         save_tensors(path, {"local": prompt.local(theta).numpy(), "v": v.numpy()})
         metrics.update(stats.metrics())
         if len(ws.evaluation):
-            metrics["accuracy"] = accuracy(prompt.prompt(theta), encode, *ws.evaluation.tensors(), scale)
+            metrics["accuracy"] = accuracy(held_out, {"ctx": prompt.prompt(theta)}, (images,), labels)
         return RoundResult(
             tensors={"ctx": new_global.numpy().copy()},
             num_examples=len(ws.train),

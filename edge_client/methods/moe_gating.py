@@ -18,6 +18,8 @@ D; the width is cut to a multiple of the number of heads so the heads split it e
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,14 +73,14 @@ def mixture_logits(
     images: torch.Tensor,
     local_text: torch.Tensor,
     experts: torch.Tensor | None,
-    gating: AttentionGating,
+    gating: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     subsample: FeatureSubsampler,
     logit_scale: float,
     mixture_lambda: float,
 ) -> torch.Tensor:
     """[B, C] logits of normalised images [B, D] given the local prompt's raw text features [C, D]
-    and the non-local experts [E, C, d]. Without experts (a client's first round) they are the
-    local prompt's plain CLIP logits, as in pFedMoAP."""
+    and the non-local experts [E, C, d] (`gating` maps them as AttentionGating does). Without
+    experts (a client's first round) they are the local prompt's plain CLIP logits, as in pFedMoAP."""
     local = normalise(local_text)
     local_logits = logit_scale * images @ local.T
     if experts is None:

@@ -26,16 +26,57 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch.func import functional_call
 
 from edge_client.methods import register
 from edge_client.methods.base import ClientMethod, RoundResult, RoundTask
 from edge_client.methods.local_state import load_tensors, save_tensors, state_file
 from edge_client.methods.moe_gating import AttentionGating, FeatureSubsampler, expert_features, mixture_logits
 from edge_client.methods.round_parts import client_level_upload, global_context, paid_round, round_generator
-from edge_client.training import train_steps
+from edge_client.training import Inputs, Objective, Params, TextEncoder, accuracy, train_plain
 from edge_client.workspace import ClientWorkspace, WorkspaceError
 from fedprompt.common.settings import SettingsError, TrainingSettings
+
+GATING = "gating."  # prefix of the gating network's tensors among the trainable ones
+
+
+class MixtureObjective(Objective):
+    """Cross-entropy of the mixture logits; trainable: the local prompt `ctx` and, once there are
+    experts, the gating network's tensors (`gating.<name>`), applied functionally."""
+
+    def __init__(
+        self,
+        encode: TextEncoder,
+        experts: torch.Tensor | None,
+        gating: AttentionGating,
+        subsample: FeatureSubsampler,
+        logit_scale: float,
+        mixture_lambda: float,
+    ) -> None:
+        self.encode, self.experts, self.gating, self.subsample = encode, experts, gating, subsample
+        self.logit_scale, self.mixture_lambda = logit_scale, mixture_lambda
+
+    def gating_params(self) -> Params:
+        return {GATING + name: p.detach() for name, p in self.gating.named_parameters()}
+
+    def keep_gating(self, params: Params) -> None:
+        """Load the trained gating tensors back into the network (the part kept on the device)."""
+        trained = {name[len(GATING) :]: t for name, t in params.items() if name.startswith(GATING)}
+        if trained:
+            self.gating.load_state_dict(trained)
+
+    def shared(self, params: Params) -> torch.Tensor:
+        return self.encode(params["ctx"])
+
+    def classify(self, shared: torch.Tensor, params: Params, inputs: Inputs) -> torch.Tensor:
+        gating = {name[len(GATING) :]: t for name, t in params.items() if name.startswith(GATING)}
+
+        def attend(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+            return functional_call(self.gating, gating, (queries, keys))
+
+        return mixture_logits(
+            inputs[0], shared, self.experts, attend, self.subsample, self.logit_scale, self.mixture_lambda
+        )
 
 
 @register
@@ -90,36 +131,23 @@ class PFedMoAPClient(ClientMethod):
         subsample = FeatureSubsampler(ws.bundle.embed_dim, settings.gating_dim, settings.gating_heads)
         gating = self.gating(task, settings, subsample.width)
         experts = None if received is None else expert_features(encode, received, subsample)
-        ctx = start.clone().requires_grad_(True)
-
-        def logits_of(images: torch.Tensor) -> torch.Tensor:
-            text = encode(ctx)
-            return mixture_logits(images, text, experts, gating, subsample, scale, settings.mixture_lambda)
-
-        def batch_loss(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            logits = logits_of(train.features[batch])
-            return F.cross_entropy(logits, train.labels[batch]), logits
-
-        @torch.no_grad()
-        def held_out_accuracy() -> float:
-            images, labels = evaluation.tensors()
-            return float((logits_of(images).argmax(dim=1) == labels).float().mean())
-
+        objective = MixtureObjective(encode, experts, gating, subsample, scale, settings.mixture_lambda)
+        params = {"ctx": start} if experts is None else {"ctx": start, **objective.gating_params()}
+        images, labels = evaluation.tensors()
         metrics: dict[str, float] = {"experts": 0.0 if received is None else float(len(received))}
         if len(evaluation):
-            metrics["received_accuracy"] = held_out_accuracy()
-        trained = [ctx] if experts is None else [ctx, *gating.parameters()]
-        stats = train_steps(
-            trained, batch_loss, train.labels, settings, round_generator(settings, task.round_id)
-        )
+            metrics["received_accuracy"] = accuracy(objective, params, (images,), labels)
+        order = round_generator(settings, task.round_id)
+        params, stats = train_plain(objective, params, (train.features,), train.labels, settings, order)
+        objective.keep_gating(params)
         if experts is not None:
             gating_state = {name: t.detach().numpy() for name, t in gating.state_dict().items()}
             save_tensors(state_file(ws.state_dir, self.name, task.run_id), gating_state)
         metrics.update(stats.metrics())
         if len(evaluation):
-            metrics["accuracy"] = held_out_accuracy()
+            metrics["accuracy"] = accuracy(objective, params, (images,), labels)
         return RoundResult(
-            tensors={"ctx": client_level_upload(start, ctx.detach(), settings)},
+            tensors={"ctx": client_level_upload(start, params["ctx"], settings)},
             num_examples=len(train),
             metrics=metrics,
             privacy=accountant.report(cost),

@@ -21,7 +21,7 @@ from edge_client.dp_sgd import train_dp_sgd
 from edge_client.methods import register
 from edge_client.methods.base import ClientMethod, RoundResult, RoundTask
 from edge_client.methods.round_parts import client_level_upload, global_context, paid_round, round_generator
-from edge_client.training import accuracy, train_plain
+from edge_client.training import PromptObjective, accuracy, train_plain
 from edge_client.workspace import ClientWorkspace
 from fedprompt.common.settings import TrainingSettings
 
@@ -44,18 +44,21 @@ class PromptFLClient(ClientMethod):
         encode = ws.text_encoder(settings.n_ctx)
         start = self.start_context(task, settings)
         accountant, cost = paid_round(ws, settings)
+        objective = PromptObjective.coop(encode, scale)
+        inputs = (train.features,)
         if settings.dp == "sample":
             new, stats = train_dp_sgd(
-                start, encode, train.features, train.labels, scale, settings, cost.sample_rate, cost.steps
+                objective, {"ctx": start}, inputs, train.labels, settings, cost.sample_rate, cost.steps
             )
         else:
             order = round_generator(settings, task.round_id)
-            new, stats = train_plain(start, encode, train.features, train.labels, scale, settings, order)
-        upload = client_level_upload(start, new, settings)
+            new, stats = train_plain(objective, {"ctx": start}, inputs, train.labels, settings, order)
+        upload = client_level_upload(start, new["ctx"], settings)
         metrics = stats.metrics()
         if len(evaluation):
-            metrics["accuracy"] = accuracy(torch.from_numpy(upload), encode, *evaluation.tensors(), scale)
-            metrics["received_accuracy"] = accuracy(start, encode, *evaluation.tensors(), scale)
+            images, labels = evaluation.tensors()
+            metrics["accuracy"] = accuracy(objective, {"ctx": torch.from_numpy(upload)}, (images,), labels)
+            metrics["received_accuracy"] = accuracy(objective, {"ctx": start}, (images,), labels)
         return RoundResult(
             tensors={"ctx": upload},
             num_examples=len(train),

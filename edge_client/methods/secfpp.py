@@ -32,7 +32,7 @@ from edge_client.methods.domain_clusters import descriptor, nearest, slot_upload
 from edge_client.methods.local_state import load_tensors, save_tensors, state_file
 from edge_client.methods.round_parts import paid_round, round_generator
 from edge_client.prompts import initial_context
-from edge_client.training import TextEncoder, accuracy, train_plain
+from edge_client.training import PromptObjective, TextEncoder, accuracy, train_plain
 from edge_client.workspace import ClientWorkspace, WorkspaceError
 from fedprompt.common.settings import SettingsError, TrainingSettings
 
@@ -113,19 +113,21 @@ class SecFPPClient(ClientMethod):
 
         accountant, cost = paid_round(ws, settings)
         encode = prompt.encoder(ws.text_encoder(settings.n_ctx))
-        theta, scale = prompt.pack(start, class_level), ws.logit_scale
+        objective = PromptObjective(lambda params: encode(params["theta"]), ws.logit_scale)
+        params = {"theta": prompt.pack(start, class_level)}
         metrics: dict[str, float] = {}
+        images, held_out_labels = ws.evaluation.tensors()
         if len(ws.evaluation):
-            metrics["received_accuracy"] = accuracy(theta, encode, *ws.evaluation.tensors(), scale)
+            metrics["received_accuracy"] = accuracy(objective, params, (images,), held_out_labels)
         features, labels = ws.train.tensors()
         if cost is not None:
-            theta, stats = train_dp_sgd(
-                theta, encode, features, labels, scale, settings, cost.sample_rate, cost.steps
+            params, stats = train_dp_sgd(
+                objective, params, (features,), labels, settings, cost.sample_rate, cost.steps
             )
         else:
             order = round_generator(settings, task.round_id)
-            theta, stats = train_plain(theta, encode, features, labels, scale, settings, order)
-        domain, class_level = prompt.unpack(theta)
+            params, stats = train_plain(objective, params, (features,), labels, settings, order)
+        domain, class_level = prompt.unpack(params["theta"])
         if point is None:  # the first round started from the shared initialisation
             point = descriptor((domain - initial).numpy(), settings.seed, settings.cluster_dim)
         if slot is None:
@@ -133,7 +135,7 @@ class SecFPPClient(ClientMethod):
         save_tensors(path, {"class_level": class_level.numpy(), "descriptor": point.astype(np.float32)})
         metrics.update(stats.metrics())
         if len(ws.evaluation):
-            metrics["accuracy"] = accuracy(theta, encode, *ws.evaluation.tensors(), scale)
+            metrics["accuracy"] = accuracy(objective, params, (images,), held_out_labels)
         metrics["cluster"] = float(slot)
         return RoundResult(
             tensors=slot_upload(slot, settings.clusters, domain.numpy(), point),

@@ -37,7 +37,7 @@ from aggregator.store import SQLiteStore, StoreError
 from edge_client.bundle import Bundle, sha256_file
 from edge_client.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
 from edge_client.prompts import initial_context
-from edge_client.training import accuracy
+from edge_client.training import PromptObjective, accuracy
 from edge_client.workspace import ClientWorkspace
 from export.exporter import DEFAULT_OPSET, export_bundle
 from export.pretrain import TINY_MODEL, WEIGHTS_DIR
@@ -197,12 +197,10 @@ def held_out_accuracies(ctx: np.ndarray, clients: Sequence[ClientData]) -> list[
     for client in clients:
         ws = client.workspace
         encode = ws.text_encoder(ctx.shape[0])
-        with torch.no_grad():
-            results.append(
-                accuracy(
-                    torch.from_numpy(ctx.astype(np.float32)), encode, *ws.evaluation.tensors(), ws.logit_scale
-                )
-            )
+        objective = PromptObjective.coop(encode, ws.logit_scale)
+        images, labels = ws.evaluation.tensors()
+        prompt = {"ctx": torch.from_numpy(ctx.astype(np.float32))}
+        results.append(accuracy(objective, prompt, (images,), labels))
     return results
 
 
