@@ -15,9 +15,10 @@ import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from aggregator.strategies.combine import RULES
+from aggregator.validation import Interval
 from fedprompt.common.codec import ENCODINGS
 from fedprompt.common.methods import METHOD_NAMES
 from fedprompt.common.network import is_loopback
@@ -28,8 +29,29 @@ class ConfigError(ValueError):
     """The configuration cannot be used; the message is one line."""
 
 
+LONG_S = 1e9  # the longest timeout accepted (the in-process harness's "never")
+MANY = 10**9  # the largest count accepted
+
+
+class Section:
+    """A config section whose every numeric field has its range in `RANGES`, checked at start
+    (`check_ranges`), so that e.g. `server.chunk_kb = 0` stops the daemon with one line instead of
+    failing every task later."""
+
+    NAME: ClassVar[str]
+    RANGES: ClassVar[dict[str, Interval]]
+
+    def check_ranges(self) -> None:
+        for item in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, item.name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            allowed = self.RANGES[item.name]
+            _require(value in allowed, f"{self.NAME}.{item.name} must be in {allowed}, got {value!r}")
+
+
 @dataclass(frozen=True)
-class ServerConfig:
+class ServerConfig(Section):
     """Network, TLS, limits and state. Paths are relative to the config file's folder.
 
     Outside loopback the daemon only listens with TLS (`tls_cert` + `tls_key`), unless
@@ -46,20 +68,27 @@ class ServerConfig:
     max_message_mb: float = 4.0  # largest single gRPC message, enforced by both sides
     max_payload_mb: float = 64.0  # largest task/update/model payload after chunking
     chunk_kb: int = 1024  # payload chunk size on the wire
+    max_examples: int = 1_000_000  # largest example count an update may claim (it weighs the mean)
     workers: int = 32  # gRPC handler threads (each polling client holds one only briefly)
     task_encoding: str = "fp32"  # how global tensors travel to clients
     update_encoding: str = "fp16"  # how clients must encode updates (fp16: 16 KB for a 16x512 prompt)
 
+    NAME = "server"
+    RANGES: ClassVar[dict[str, Interval]] = {
+        "port": Interval(0, 65535),  # 0 = any free port
+        "max_message_mb": Interval(0.01, 2047),  # gRPC limits a message to 2 GiB
+        "max_payload_mb": Interval(0.01, 65536),
+        "chunk_kb": Interval(1, 2047 * 1024),
+        "max_examples": Interval(1, 2**31 - 1),  # stored as an SQLite integer
+        "workers": Interval(2, 4096),
+    }
+
     def check(self) -> None:
-        _require(0 <= self.port < 65536, "server.port must be in 0..65535 (0 = any free port)")
-        _require(
-            self.max_message_mb > 0 and self.max_payload_mb > 0, "server message limits must be positive"
-        )
+        self.check_ranges()
         _require(
             self.chunk_kb * 1024 + 4096 <= self.max_message_mb * 2**20,
             "server.chunk_kb must leave room under server.max_message_mb",
         )
-        _require(self.workers >= 2, "server.workers must be at least 2")
         _require(bool(self.tls_cert) == bool(self.tls_key), "server.tls_cert and server.tls_key go together")
         _require(
             not self.tls_client_ca or bool(self.tls_cert),
@@ -86,7 +115,7 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
-class RoundConfig:
+class RoundConfig(Section):
     """Round scheduling. Each round samples max(min_fit, ceil(fraction * live clients)) clients and
     waits until all of them reported, went silent, or `round_timeout_s` passed. A round with fewer
     than `min_updates` updates by then is extended: the updates received are kept, more live
@@ -103,16 +132,26 @@ class RoundConfig:
     client_timeout_s: float = 60.0  # a client silent this long (no poll, no heartbeat) is not live
     seed: int = 0  # client sampling
 
+    NAME = "rounds"
+    RANGES: ClassVar[dict[str, Interval]] = {
+        "rounds": Interval(1, MANY),
+        "min_clients": Interval(1, MANY),
+        "fraction": Interval(0, 1, open_low=True),
+        "min_fit": Interval(1, MANY),
+        "min_updates": Interval(1, MANY),
+        "round_timeout_s": Interval(0, LONG_S, open_low=True),
+        "poll_interval_s": Interval(0, 3600, open_low=True),
+        "heartbeat_interval_s": Interval(0, 3600, open_low=True),
+        "client_timeout_s": Interval(0, LONG_S, open_low=True),
+        "seed": Interval(0, 2**63 - 1),
+    }
+
     def check(self) -> None:
-        _require(self.rounds >= 1, "rounds.rounds must be at least 1")
-        _require(self.min_updates >= 1, "rounds.min_updates must be at least 1")
+        self.check_ranges()
         _require(
             self.min_updates <= self.min_fit <= self.min_clients,
             "rounds need min_updates <= min_fit <= min_clients",
         )
-        _require(0 < self.fraction <= 1, "rounds.fraction must be in (0, 1]")
-        for name in ("round_timeout_s", "poll_interval_s", "heartbeat_interval_s"):
-            _require(getattr(self, name) > 0, f"rounds.{name} must be positive")
         _require(
             self.client_timeout_s > 2 * self.heartbeat_interval_s,
             "rounds.client_timeout_s must exceed twice rounds.heartbeat_interval_s",
@@ -128,7 +167,7 @@ class MethodConfig:
 
 
 @dataclass(frozen=True)
-class AggregationConfig:
+class AggregationConfig(Section):
     """How the server half combines the round's updates (for methods that average tensors).
 
     rule: "mean" (weighted by example counts), "median" (coordinate-wise) or "trimmed_mean"
@@ -143,15 +182,20 @@ class AggregationConfig:
     norm_bound: float = 0.0
     max_update_norm: float = 0.0
 
+    NAME = "aggregation"
+    RANGES: ClassVar[dict[str, Interval]] = {
+        "trim_fraction": Interval(0, 0.5, open_high=True),
+        "norm_bound": Interval(),  # 0 = off
+        "max_update_norm": Interval(),  # 0 = off
+    }
+
     def check(self) -> None:
+        self.check_ranges()
         _require(self.rule in RULES, f"aggregation.rule must be one of {', '.join(RULES)}")
-        _require(0 <= self.trim_fraction < 0.5, "aggregation.trim_fraction must be in [0, 0.5)")
-        _require(self.norm_bound >= 0, "aggregation.norm_bound must be >= 0 (0 = off)")
-        _require(self.max_update_norm >= 0, "aggregation.max_update_norm must be >= 0 (0 = off)")
 
 
 @dataclass(frozen=True)
-class SecureAggregationConfig:
+class SecureAggregationConfig(Section):
     """Secure aggregation (`aggregator.secure_rounds`): the server learns only the sum of the
     surviving clients' updates, for methods whose server half needs nothing else.
 
@@ -171,16 +215,22 @@ class SecureAggregationConfig:
     example_cap: int = 1000
     step_timeout_s: float = 60.0
 
+    NAME = "secure_aggregation"
+    RANGES: ClassVar[dict[str, Interval]] = {
+        "threshold": Interval(2, MANY),
+        "degree": Interval(0, MANY),
+        "modulus_bits": Interval(24, 53),
+        "value_bound": Interval(1, 2**20),
+        "example_cap": Interval(1, 2**31 - 1),
+        "step_timeout_s": Interval(0, LONG_S, open_low=True),
+    }
+
     def check(self) -> None:
-        _require(self.threshold >= 2, "secure_aggregation.threshold must be at least 2")
+        self.check_ranges()
         _require(
             self.degree == 0 or (self.degree % 2 == 0 and self.degree >= self.threshold),
             "secure_aggregation.degree must be 0 (complete graph) or even and >= the threshold",
         )
-        _require(24 <= self.modulus_bits <= 53, "secure_aggregation.modulus_bits must be in 24..53")
-        _require(self.value_bound >= 1, "secure_aggregation.value_bound must be at least 1")
-        _require(self.example_cap >= 1, "secure_aggregation.example_cap must be at least 1")
-        _require(self.step_timeout_s > 0, "secure_aggregation.step_timeout_s must be positive")
 
 
 @dataclass(frozen=True)

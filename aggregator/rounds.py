@@ -39,12 +39,13 @@ from aggregator.store import (
 from aggregator.strategies.base import ClientUpdate
 from aggregator.strategies.combine import UpdateCombiner, distance
 from aggregator.strategies.registry import SERVER_STRATEGIES
+from aggregator.validation import ReportError, check_examples, check_metrics, check_privacy, printable
 from fedprompt.common.codec import CodecError, decode_tensor_set, encode_tensor_set
 from fedprompt.common.secure_round import SecureRoundParams, StepReply
 
 log = logging.getLogger("fedprompt.aggregator")
-MAX_EXAMPLES = 2**31 - 1
-"""Largest example count an update may claim (it is stored as an SQLite integer and used as a weight)."""
+RETRY_CAP_S = 60.0
+"""Longest wait before a round whose aggregation or commit failed is played again."""
 
 
 class Refused(Exception):
@@ -100,12 +101,6 @@ class OpenRound:
         )
 
 
-def _finite_map(values: dict[str, float], what: str) -> dict[str, float]:
-    if not all(math.isfinite(v) for v in values.values()):
-        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{what} contain NaN or Inf")
-    return dict(values)
-
-
 def _weighted_means(accepted: list[Accepted]) -> dict[str, float]:
     """Example-weighted mean of every metric key, over the clients that reported it."""
     sums: dict[str, float] = {}
@@ -138,16 +133,22 @@ class RoundCoordinator:
             )
         initial = RoundRecord(0, self.strategy.initial_state(), self.strategy.state_dict())
         self.run_id = store.open_run(config.method.name, self.settings_json, initial).run_id
-        latest = store.latest_round()
-        self.strategy.load_state_dict(latest.strategy_state)
-        self.global_state = latest.tensors
-        self.committed = latest.round_id
-        self._closed_through = self.committed  # the last round that takes no more updates
         self._cond = threading.Condition()
         self._last_seen: dict[str, float] = {}
         self._stopping = False
         self._round: OpenRound | None = None
         self._summed: SecureSession | None = None  # the last summed session: tells its clients "done"
+        self._load()
+
+    def _load(self) -> None:
+        """Take up the stored run where it is: at start, and after a round failed to commit (the
+        failed attempt may have changed the strategy's state; the store has the committed one)."""
+        latest = self.store.latest_round()
+        self.strategy.load_state_dict(latest.strategy_state)
+        with self._cond:
+            self.global_state = latest.tensors
+            self.committed = latest.round_id
+            self._closed_through = self.committed  # the last round that takes no more updates
         self._resumed = self._restore_open_round()
 
     # ---- called by the gRPC handlers -------------------------------------------------------
@@ -157,6 +158,7 @@ class RoundCoordinator:
         return self.committed >= self.rules.rounds
 
     def enroll(self, token: str, name: str) -> tuple[str, str]:
+        name = printable(name)  # kept and logged: no control characters, bounded
         try:
             client_id, session = self.store.enroll(token, name)
         except AuthError as error:
@@ -194,11 +196,16 @@ class RoundCoordinator:
                 if session is None or session.failure or session.has_begun(client_id):
                     return Task("wait", retry_after_s=self.rules.poll_interval_s)
                 secure = session.params(client_id)
-            if client_id not in current.payloads:
-                tensors = self.strategy.tensors_for_client(self.global_state, client_id)
-                current.payloads[client_id] = encode_tensor_set(tensors, self.config.server.task_encoding)
-            payload = current.payloads[client_id]
+            payload = self._task_payload(current, client_id)
             return Task("train", 0.0, current.round_id, current.deadline_unix, payload, secure)
+
+    def _task_payload(self, current: OpenRound, client_id: str) -> bytes:
+        """What this client is sent for the round; also what it is counted to have downloaded when
+        its update arrives without a pull (a client resending after a restart of the daemon)."""
+        if client_id not in current.payloads:
+            tensors = self.strategy.tensors_for_client(self.global_state, client_id)
+            current.payloads[client_id] = encode_tensor_set(tensors, self.config.server.task_encoding)
+        return current.payloads[client_id]
 
     def submit(
         self,
@@ -214,7 +221,8 @@ class RoundCoordinator:
         """Accept one update, durably, or raise Refused saying why not."""
         if run_id != self.run_id:
             raise Refused(
-                grpc.StatusCode.FAILED_PRECONDITION, f"update for run {run_id!r}, this is {self.run_id}"
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"update for run {printable(run_id)!r}, this is {self.run_id}",
             )
         if self.secure is not None:
             raise Refused(
@@ -224,11 +232,14 @@ class RoundCoordinator:
         if method and method != self.config.method.name:
             raise Refused(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"update for method {method[:64]!r}, this run uses {self.config.method.name!r}",
+                f"update for method {printable(method)!r}, this run uses {self.config.method.name!r}",
             )
-        if not 1 <= num_examples <= MAX_EXAMPLES:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"num_examples must be in 1..{MAX_EXAMPLES}")
-        metrics, privacy = _finite_map(metrics, "metrics"), _finite_map(privacy, "privacy values")
+        try:
+            check_examples(num_examples, self.config.server.max_examples)
+            metrics = check_metrics(metrics, self.strategy.extra_metrics)
+            privacy = check_privacy(privacy)
+        except ReportError as error:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         try:
             tensors = decode_tensor_set(payload)
         except CodecError as error:
@@ -249,7 +260,7 @@ class RoundCoordinator:
                     grpc.StatusCode.INVALID_ARGUMENT, f"update tensors {shapes} do not match {spec}"
                 )
             self._check_norm(tensors)
-            bytes_down = len(current.payloads.get(client_id, b""))
+            bytes_down = len(self._task_payload(current, client_id))
             pending = PendingUpdate(client_id, num_examples, metrics, privacy, payload, bytes_down)
             self.store.add_pending_update(round_id, pending)  # before the client hears "accepted"
             current.spec = shapes
@@ -271,9 +282,13 @@ class RoundCoordinator:
         """One step of the round's secure aggregation (`aggregator.secure_rounds`)."""
         if run_id != self.run_id:
             raise Refused(
-                grpc.StatusCode.FAILED_PRECONDITION, f"step for run {run_id!r}, this is {self.run_id}"
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"step for run {printable(run_id)!r}, this is {self.run_id}",
             )
-        privacy = _finite_map(privacy, "privacy values")
+        try:
+            privacy = check_privacy(privacy)
+        except ReportError as error:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         with self._cond:
             if self.secure is None:
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "this run does not aggregate securely")
@@ -302,29 +317,60 @@ class RoundCoordinator:
 
     # ---- the driver thread -----------------------------------------------------------------
 
-    def run(self) -> None:
-        """Plays rounds until the configured number is committed or `stop` is called."""
+    def run(self, retry_failures: bool = True) -> None:
+        """Plays rounds until the configured number is committed or `stop` is called. A round
+        whose aggregation or commit fails ends neither the run nor the daemon: it is logged in one
+        line and, after a backoff, taken up again from the store as after a crash (its accepted
+        updates kept, the strategy state the last committed one). Without `retry_failures` (the
+        in-process harness, where a failure is a bug to show) the error propagates."""
         if self.committed:
             log.info("resuming run %s after committed round %d", self.run_id, self.committed)
+        failures = 0
         while not self.finished:
-            current, self._resumed = self._resumed, None
-            if current is None:
-                if not self._wait_for_clients():
+            try:
+                if failures:
+                    self._load()
+                if not self._play_next_round():
                     return
-                current = self._open_round(self.committed + 1)
-            record = self._play_round(current)
-            if record is None:
-                return
-            self.store.commit_round(record)
-            with self._cond:
-                self.global_state, self.committed = record.tensors, record.round_id
-                self._cond.notify_all()
-            self._log_round(record)
+                failures = 0
+            except Exception as error:
+                if not retry_failures:
+                    raise
+                failures += 1
+                delay = min(RETRY_CAP_S, 2.0**failures)
+                log.error(
+                    "round %d failed (%s: %s); playing it again with its updates in %.0f s",
+                    self.committed + 1,
+                    type(error).__name__,
+                    printable(str(error), 200),
+                    delay,
+                )
+                log.debug("round failure", exc_info=True)
+                with self._cond:
+                    if self._cond.wait_for(lambda: self._stopping, timeout=delay):
+                        return
         log.info(
             "run %s finished after %d rounds; serving the final model until stopped",
             self.run_id,
             self.committed,
         )
+
+    def _play_next_round(self) -> bool:
+        """Opens (or resumes) the next round, plays it and commits it; False when stopped."""
+        current, self._resumed = self._resumed, None
+        if current is None:
+            if not self._wait_for_clients():
+                return False
+            current = self._open_round(self.committed + 1)
+        record = self._play_round(current)
+        if record is None:
+            return False
+        self.store.commit_round(record)
+        with self._cond:
+            self.global_state, self.committed = record.tensors, record.round_id
+            self._cond.notify_all()
+        self._log_round(record)
+        return True
 
     def _accepted(self, pending: PendingUpdate, tensors: dict[str, np.ndarray]) -> Accepted:
         update = ClientUpdate(pending.client_id, tensors, pending.num_examples, pending.metrics)
@@ -620,6 +666,12 @@ class RoundCoordinator:
             "n/a" if accuracy is None else f"{accuracy:.3f}",
             m["bytes_up_per_client"] / 1024,
             m["bytes_down_per_client"] / 1024,
-            "n/a" if m["epsilon_max"] is None else f"{m['epsilon_max']:.3g} (delta {m['delta']:.0e})",
+            _privacy_label(m["epsilon_max"], m["delta"]),
             m["duration_s"],
         )
+
+
+def _privacy_label(epsilon: float | None, delta: float | None) -> str:
+    if epsilon is None:
+        return "n/a"
+    return f"{epsilon:.3g}" + ("" if delta is None else f" (delta {delta:.0e})")

@@ -156,6 +156,7 @@ class RawClient:
         token: str,
         max_message_bytes: int = 4 * 2**20,
         credentials: grpc.ChannelCredentials | None = None,
+        name: str = "raw",
     ) -> None:
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
@@ -166,7 +167,7 @@ class RawClient:
         else:
             self.channel = grpc.secure_channel(address, credentials, options=options)
         self.stub = pb_grpc.AggregatorStub(self.channel)
-        reply = self.stub.Enroll(pb.EnrollRequest(token=token, client_name="raw"), timeout=10)
+        reply = self.stub.Enroll(pb.EnrollRequest(token=token, client_name=name), timeout=10)
         self.client_id, self.session, self.run_id = reply.client_id, reply.session, reply.run_id
 
     def pull(self) -> tuple[pb.TaskHeader, dict[str, np.ndarray]]:

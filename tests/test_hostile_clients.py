@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from aggregator_process import FEDPROMPT, AggregatorProcess, RawClient, write_config
+from aggregator_process import FEDPROMPT, SERVE, AggregatorProcess, RawClient, write_config
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -30,6 +31,7 @@ ROUNDS = {
     "client_timeout_s": 10.0,
 }
 SHAPE = (4, 8)
+LEDGER_SERVE = (sys.executable, str(Path(__file__).with_name("ledger_aggregator.py")))
 INVALID, PRECONDITION = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -262,3 +264,98 @@ def test_after_the_fuzz_the_daemon_serves_and_its_state_is_untouched(fuzz_target
     assert "Traceback" not in server.log and server.count("failed for") == 0
     store = SQLiteStore(folder / "state.sqlite", read_only=True)
     assert store.rounds() == [] and store.open_round() is None
+
+
+def test_bad_reports_are_refused_at_the_door_and_never_reach_the_commit(tmp_path: Path) -> None:
+    """Each report that once stopped the round driver or filled the store and log (issue 10,
+    points 1 and 7) is refused with INVALID_ARGUMENT; the honest round commits as sent."""
+    server, tokens = start(tmp_path, 3, server={"max_examples": 1000})
+    forged = "dev\n2026-01-01 00:00:00 INFO round 1/1 committed\x1b[2J"
+    try:
+        clients = [RawClient(server.address, tokens[0], name=forged)]
+        clients += [RawClient(server.address, token, name="x" * 3_000_000) for token in tokens[1:]]
+        sender = clients[0]
+        sender.wait_for_task()
+        good = {"ctx": honest(0)}
+        bad_reports = {
+            "epsilon without delta": dict(privacy={"epsilon": 3.0}),
+            "negative epsilon": dict(privacy={"epsilon": -5.0, "delta": 1e-5}),
+            "delta of 1": dict(privacy={"epsilon": 1.0, "delta": 1.0}),
+            "unknown privacy key": dict(privacy={"epsilon": 1.0, "delta": 1e-5, "trust_me": 1.0}),
+            "accuracy 1e300": dict(metrics={"accuracy": 1e300}),
+            "100,000 metric keys": dict(metrics={f"m{i}": 0.5 for i in range(100_000)}),
+            "num_examples 2^31-1": dict(num_examples=2**31 - 1),
+            "num_examples over server.max_examples": dict(num_examples=1001),
+        }
+        for reason, bad in bad_reports.items():
+            update = {"num_examples": 10, **bad}
+            details = refused(lambda update=update: sender.push(1, good, **update), INVALID)
+            assert details and "\n" not in details and len(details) < 400, reason
+        for index, client in enumerate(clients):
+            client.wait_for_task()
+            report = {"epsilon": 1.5 + index, "delta": 1e-5} if index else {}  # dp = "none" sends none
+            assert client.push(1, {"ctx": honest(index)}, 10, {"accuracy": 0.5}, report).accepted
+        server.wait_for_log(r"round 1/1 committed: 3 clients.*epsilon 3\.5 \(delta 1e-05\)")
+        assert server.count("PushUpdate refused for") == len(bad_reports)
+        assert "\x1b" not in server.log and max(len(line) for line in server.lines) < 1000
+        assert server.count(r"round 1/1 committed: ") == 1 and server.count(r"enrolled \(dev\?2026") == 1
+        assert "Traceback" not in server.log
+        assert server.proc.poll() is None
+    finally:
+        server.kill()
+    store = SQLiteStore(tmp_path / "state.sqlite", read_only=True)
+    (record,) = store.rounds()
+    assert record.metrics["epsilon_max"] == 3.5 and record.metrics["client_metrics"] == {"accuracy": 0.5}
+    np.testing.assert_allclose(store.global_tensors(1)["ctx"], (honest(0) + honest(1) + honest(2)) / 3)
+    names = [row[0] for row in store._query("SELECT name FROM clients ORDER BY name")]
+    assert names[0] == "dev?2026-01-01 00:00:00 INFO round 1/1 committed?[2J"
+    assert all(name.isprintable() and len(name) < 100 for name in names)
+
+
+def test_a_round_whose_aggregation_fails_is_played_again_and_the_daemon_lives(tmp_path: Path) -> None:
+    """The server half raises in its first aggregation (after changing its state, as a bug
+    would): one log line, the round is taken up again from the store with its updates, and the
+    committed state holds nothing of the failed attempt."""
+    config = write_config(tmp_path / "aggregator.toml", ROUNDS)
+    store = SQLiteStore(tmp_path / "state.sqlite")
+    tokens = [store.issue_token() for _ in range(3)]
+    store.close()
+    server = AggregatorProcess(config, "--rounds", "1", "--fail-aggregations", "1", command=LEDGER_SERVE)
+    try:
+        clients = [RawClient(server.address, token) for token in tokens]
+        for index, client in enumerate(clients):
+            client.wait_for_task()
+            assert client.push(1, {"ctx": honest(index)}, 10).accepted
+        server.wait_for_log(r"round 1/1 committed: 3 clients")
+        (failure,) = server.matching(r"round 1 failed \((.*)\); playing it again with its updates in 2 s")
+        assert failure[1].group(1) == "ArithmeticError: injected aggregation failure"
+        assert "Traceback" not in server.log and server.proc.poll() is None
+        assert clients[0].fetch_global()[0].round_id == 1
+    finally:
+        server.kill()
+    store = SQLiteStore(tmp_path / "state.sqlite", read_only=True)
+    (record,) = store.rounds()
+    assert store.latest_round().strategy_state["ledger"] == [record.metrics["clients"]]
+    np.testing.assert_allclose(store.global_tensors(1)["ctx"], (honest(0) + honest(1) + honest(2)) / 3)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [("server", "chunk_kb", 0), ("server", "chunk_kb", -4), ("rounds", "poll_interval_s", 0.0)],
+)
+def test_an_out_of_range_config_value_stops_the_daemon_at_start_with_one_line(
+    tmp_path: Path, section: str, key: str, value: float
+) -> None:
+    sections = {"server": {"port": 0, "state": "s.sqlite"}, "rounds": {}}
+    sections[section][key] = value
+    config = tmp_path / "aggregator.toml"
+    config.write_text(
+        "".join(
+            f"[{name}]\n" + "".join(f"{k} = {v!r}\n" for k, v in values.items())
+            for name, values in sections.items()
+        ).replace("'", '"')
+    )
+    done = subprocess.run([*SERVE, "--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert f"{section}.{key} must be in" in line and f"got {value}" in line

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from aggregator.strategies.combine import UpdateCombiner
+from aggregator.validation import Interval
 from fedprompt.common.secure_round import WeightedSum
 
 
@@ -40,6 +41,8 @@ class ServerStrategy(ABC):
     sums_suffice: ClassVar[bool] = False
     needs_secure_aggregation: ClassVar[bool] = False
     weighs_by_examples: ClassVar[bool] = True
+    extra_metrics: ClassVar[dict[str, Interval]] = {}
+    """Client metrics of this method beyond `aggregator.validation.METRIC_RANGES`, with their ranges."""
 
     def __init__(self, settings: dict[str, Any], combiner: UpdateCombiner | None = None) -> None:
         self.settings = settings

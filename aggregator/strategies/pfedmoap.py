@@ -7,7 +7,7 @@ with every round and survives a restart. Gating networks stay on the devices: on
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -15,6 +15,7 @@ from aggregator.strategies import register
 from aggregator.strategies.base import ClientUpdate, ServerStrategy
 from aggregator.strategies.combine import UpdateCombiner
 from aggregator.strategies.expert_pool import PromptPool
+from aggregator.validation import Interval
 from fedprompt.common.settings import TrainingSettings
 
 POOL_KEY = "prompt_pool"
@@ -23,6 +24,9 @@ POOL_KEY = "prompt_pool"
 @register
 class PFedMoAPStrategy(ServerStrategy):
     name = "pfedmoap"
+    extra_metrics: ClassVar[dict[str, Interval]] = {
+        "experts": Interval()
+    }  # how many pool prompts the client mixed in
 
     def __init__(self, settings: dict[str, Any], combiner: UpdateCombiner | None = None) -> None:
         super().__init__(settings, combiner)

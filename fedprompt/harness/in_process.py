@@ -81,7 +81,7 @@ class _Driver(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.coordinator.run()
+            self.coordinator.run(retry_failures=False)
         except BaseException as error:  # re-raised in the thread that plays the clients
             self.error = error
 
