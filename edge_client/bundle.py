@@ -1,6 +1,7 @@
 """Opens an exported bundle on the device: checks its hashes (and, when asked, its signature), gives
 onnxruntime sessions for the frozen encoders, torch towers for gradient flow and the tokenizer,
-without any open_clip code.
+without any open_clip code. Importing it imports no torch (caption generation runs without it);
+the torch towers are imported when asked for.
 
 The format (2) is described in docs/architecture.md ("Bundle format").
 """
@@ -13,11 +14,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnxruntime as ort
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from safetensors.torch import load_file
 
 from edge_client.bundle_signature import (
     SIGNATURE_FILE,
@@ -26,16 +26,24 @@ from edge_client.bundle_signature import (
     load_public_key,
     signing_key,
 )
-from edge_client.image_tower import FrozenImageTower, ImageTowerSpec
 from edge_client.providers import make_session
-from edge_client.text_tower import FrozenTextTower, TextTowerSpec
 from edge_client.tokenizer import ClipTokenizer
+
+if TYPE_CHECKING:
+    from edge_client.caption_onnx import OnnxStepper
+    from edge_client.caption_tokenizer import CaptionTokenizer
+    from edge_client.captioner import Captioner
+    from edge_client.image_tower import FrozenImageTower
+    from edge_client.text_tower import FrozenTextTower
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 TEXT_TOWER_FILE = "text_tower.safetensors"
 IMAGE_TOWER_FILE = "image_tower.safetensors"
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"  # open_clip's CLIP BPE vocabulary (MIT), copied by export
+DECODER_FILE = "decoder.safetensors"
+PROJECTION_FILE = "caption_projection.safetensors"
+DECODER_TOKENIZER_FILE = "decoder_tokenizer.json"
 PRECISIONS = ("fp32", "fp16", "int8")
 REQUIRED_PARTS = ("image_encoder", "text_encoder", "text_tower")
 MANIFEST_FIELDS = (  # every top-level field of a format-2 manifest
@@ -64,7 +72,13 @@ MANIFEST_FIELDS = (  # every top-level field of a format-2 manifest
     "versions",
     "parity",
 )
-GRAPH_PARTS = {"image": "image_encoder", "text": "text_encoder", "image_prompted": "image_encoder_prompted"}
+GRAPH_PARTS = {
+    "image": "image_encoder",
+    "text": "text_encoder",
+    "image_prompted": "image_encoder_prompted",
+    "caption_encoder": "caption_encoder",
+    "caption_decoder": "caption_decoder",
+}
 
 
 @dataclass(frozen=True)
@@ -77,11 +91,23 @@ class Capability:
     means: str
 
 
-# A new capability (e.g. captioning with a "decoder" part) is one entry here.
+# A new capability is one entry here.
 CAPABILITIES = {
     "text_prompts": Capability(("text_tower",), "text tower", "train text prompts"),
     "visual_prompts": Capability(
         ("image_tower", "image_encoder_prompted"), "visual-prompt image tower", "take visual prompts"
+    ),
+    "captioning": Capability(
+        (
+            "image_encoder_prompted",
+            "caption_projection",
+            "decoder",
+            "decoder_tokenizer",
+            "caption_encoder",
+            "caption_decoder",
+        ),
+        "caption decoder",
+        "write captions (export it with --decoder)",
     ),
 }
 
@@ -219,10 +245,12 @@ class Bundle:
     def encoder_path(self, tower: str, precision: str | None = None) -> Path:
         """Path of the 'image', 'text' or 'image_prompted' graph in `precision` (default: the
         bundle's default)."""
-        precision = precision or self.manifest["default_precision"]
         part = GRAPH_PARTS[tower]
         if tower == "image_prompted":
             self.require("visual_prompts")
+        if tower.startswith("caption_"):
+            self.require("captioning")
+        precision = precision or self.manifest["default_precision"]
         name = self.parts[part]["files"].get(precision)
         if name is None:
             raise BundleError(
@@ -252,6 +280,10 @@ class Bundle:
 
     def text_tower(self) -> FrozenTextTower:
         """The frozen torch text tower, rebuilt from text_tower.safetensors."""
+        from safetensors.torch import load_file
+
+        from edge_client.text_tower import FrozenTextTower, TextTowerSpec
+
         part = self.parts["text_tower"]
         tensors = load_file(str(self.path / part["file"]))
         spec = TextTowerSpec.from_manifest(part["spec"])
@@ -260,10 +292,54 @@ class Bundle:
 
     def image_tower(self) -> FrozenImageTower:
         """The frozen torch ViT image tower that takes prompt tokens, rebuilt from image_tower.safetensors."""
+        from safetensors.torch import load_file
+
+        from edge_client.image_tower import FrozenImageTower, ImageTowerSpec
+
         self.require("visual_prompts")
         part = self.parts["image_tower"]
         tensors = load_file(str(self.path / part["file"]))
         return FrozenImageTower(ImageTowerSpec.from_manifest(part["spec"]), tensors).eval()
+
+    @property
+    def decoder_spec(self) -> dict[str, Any]:
+        """The T5 network of the captioner (transformers' T5Config fields)."""
+        self.require("captioning")
+        return dict(self.parts["decoder"]["spec"])
+
+    def captioner(self) -> Captioner:
+        """The frozen torch captioner (projection + transformers' T5), for training prompts."""
+        from safetensors.torch import load_file
+
+        from edge_client.captioner import Captioner, CaptionProjection, ProjectionSpec, build_t5
+
+        self.require("captioning")
+        projection = CaptionProjection(ProjectionSpec.from_manifest(self.parts["caption_projection"]["spec"]))
+        projection.load_state_dict(load_file(str(self.path / self.parts["caption_projection"]["file"])))
+        t5 = build_t5(self.decoder_spec, load_file(str(self.path / self.parts["decoder"]["file"])))
+        return Captioner(projection.eval().requires_grad_(False), t5).eval()
+
+    def caption_stepper(
+        self, providers: Sequence[str] | None = None, threads: int | None = None
+    ) -> OnnxStepper:
+        """Caption generation in onnxruntime (edge_client.caption_search steps it)."""
+        from edge_client.caption_onnx import OnnxStepper
+
+        return OnnxStepper(
+            self.encoder_path("caption_encoder", "fp32"),
+            self.encoder_path("caption_decoder", "fp32"),
+            self.decoder_spec,
+            providers,
+            threads,
+        )
+
+    def caption_tokenizer(self) -> CaptionTokenizer:
+        """The decoder's tokenizer (tokenizer.json via the `tokenizers` library)."""
+        from edge_client.caption_tokenizer import CaptionTokenizer
+
+        spec = self.decoder_spec
+        path = self.path / self.parts["decoder_tokenizer"]["file"]
+        return CaptionTokenizer(path, int(spec["eos_token_id"]), int(spec["pad_token_id"]))
 
     def tokenizer(self) -> ClipTokenizer:
         """CLIP's BPE tokenizer on the bundle's vocabulary file, with the bundle's context length."""

@@ -7,11 +7,11 @@ actually present.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import onnxruntime as ort
-import torch
 
 CPU = "CPUExecutionProvider"
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -31,8 +31,17 @@ class ProviderError(ValueError):
 def usable_providers() -> list[str]:
     """Providers that can really run here, best first (TensorRT, then CUDA, then CPU)."""
     available = set(ort.get_available_providers())
-    gpu_present = torch.cuda.is_available()
+    gpu_present = cuda_device_present()
     return [p for p in PREFERENCE if p in available and (p == CPU or gpu_present)]
+
+
+def cuda_device_present() -> bool:
+    """torch's answer when torch is already loaded; otherwise the NVIDIA driver's device list, so
+    that inference-only paths (caption generation) need not import torch."""
+    if "torch" in sys.modules:
+        return bool(sys.modules["torch"].cuda.is_available())
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return gpus.is_dir() and any(gpus.iterdir())
 
 
 def resolve_provider(name: str) -> str:

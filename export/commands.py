@@ -61,6 +61,14 @@ def _keygen(ctx: click.Context, _param: click.Parameter, value: Path | None) -> 
     help="ONNX opset of the graphs.",
 )
 @click.option(
+    "--decoder",
+    metavar="fedprompt-tiny-captioner|HUB_TAG|DIR",
+    help="Add the captioning capability: a T5-family text decoder (the embedded tiny captioner, a "
+    "Hugging Face folder, or a hub tag such as google/flan-t5-small, which needs a download), its "
+    "tokenizer, its ONNX encoder and decoder-with-past graphs and a projection from the image "
+    "features to its input (trained for the tiny captioner, seeded random otherwise). ViT models only.",
+)
+@click.option(
     "--sign-key",
     type=click.Path(path_type=Path, dir_okay=False),
     help="Ed25519 private key (PEM) to sign the bundle with: writes manifest.sig over manifest.json.",
@@ -84,7 +92,13 @@ def _keygen(ctx: click.Context, _param: click.Parameter, value: Path | None) -> 
     help="List the model names that can be given (open_clip's and fedprompt's configs) and exit.",
 )
 def export_command(
-    model: str, pretrained: str, out: Path, precisions: tuple[str, ...], opset: int, sign_key: Path | None
+    model: str,
+    pretrained: str,
+    out: Path,
+    precisions: tuple[str, ...],
+    opset: int,
+    decoder: str | None,
+    sign_key: Path | None,
 ) -> None:
     """Export an open_clip MODEL into a bundle (format 2) for edge clients.
 
@@ -95,7 +109,7 @@ def export_command(
     Example: fedprompt export ViT-B-32 --pretrained none --out bundles/vit-b-32
     """
     try:
-        path = export_bundle(model, pretrained, out, precisions, opset, sign_key=sign_key)
+        path = export_bundle(model, pretrained, out, precisions, opset, sign_key=sign_key, decoder=decoder)
     except ExportError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"wrote {path}: {summary(Bundle.open(path, check_hashes=False).manifest)}")

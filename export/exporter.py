@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from edge_client.bundle import (
+    DECODER_TOKENIZER_FILE,
     IMAGE_TOWER_FILE,
     MANIFEST,
     PRECISIONS,
@@ -30,6 +31,8 @@ from edge_client.bundle import (
 from edge_client.bundle_signature import SIGNATURE_FILE
 from edge_client.image_tower import FrozenImageTower, ImageTowerSpec
 from edge_client.text_tower import FrozenTextTower
+from export.caption_graphs import export_caption_graphs
+from export.decoder import LoadedDecoder, decoder_tensors, load_decoder, parse_decoder, projection_spec
 from export.errors import ExportError, UnsupportedModelError
 from export.manifest import check_tokenizer, describe_model, image_size_of
 from export.models import DEFAULT_SEED, WeightsSource, build_model, parse_weights
@@ -62,10 +65,12 @@ def export_bundle(
     seed: int = DEFAULT_SEED,
     progress: bool = True,
     sign_key: Path | None = None,
+    decoder: str | None = None,
 ) -> Path:
     """Write the bundle of `model_name` into `out` and return its path. fp32 graphs are always
     written; fp16 adds fp16 image, prompted image and text graphs, int8 a quantised image graph.
-    With `sign_key`, manifest.sig is its Ed25519 signature of manifest.json."""
+    With `sign_key`, manifest.sig is its Ed25519 signature of manifest.json. With `decoder` (the
+    tiny captioner, a local T5 folder or a hub tag) the bundle gets the captioning capability."""
     unknown = set(precisions) - set(PRECISIONS)
     if unknown:
         raise ExportError(f"unknown precision(s) {sorted(unknown)}; choose from {list(PRECISIONS)}")
@@ -76,12 +81,17 @@ def export_bundle(
     model = build_model(model_name, weights, seed)
     check_tokenizer(model_name)
     image_spec = image_tower_spec(model)  # refuses ViT variants before anything is written
+    captioner = None
+    if decoder is not None:
+        embed_dim = int(text_parts(model).text_projection.shape[1])
+        projection_spec(embed_dim, image_spec, 1)  # a model without patch tokens fails before loading
+        captioner = load_decoder(parse_decoder(decoder), embed_dim, image_spec, seed)
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         manifest = _write_bundle(
-            staging, model_name, model, weights, seed, image_spec, chosen, opset, progress
+            staging, model_name, model, weights, seed, image_spec, chosen, opset, progress, captioner
         )
         manifest_bytes = (json.dumps(manifest, indent=2) + "\n").encode()
         (staging / MANIFEST).write_bytes(manifest_bytes)
@@ -104,6 +114,7 @@ def _write_bundle(
     precisions: list[str],
     opset: int,
     progress: bool,
+    decoder: LoadedDecoder | None = None,
 ) -> dict[str, Any]:
     """Write every file into `out` with a progress bar; return the manifest (with parity results)."""
     parts = text_parts(model)
@@ -114,6 +125,7 @@ def _write_bundle(
         *(["prompted image encoder"] if image_spec else []),
         "text encoder",
         *[f"{p} graphs" for p in precisions[1:]],
+        *(["decoder"] if decoder else []),
         "parity",
     ]
     with tqdm(total=len(steps), desc=f"export {model_name}", unit="step", disable=not progress) as bar:
@@ -151,13 +163,44 @@ def _write_bundle(
             _write_precision(out, precision, prompted=image_spec is not None)
             bar.update()
 
+        if decoder is not None:
+            bar.set_postfix_str("decoder")
+            _write_decoder(out, decoder, opset)
+            bar.update()
+
         bar.set_postfix_str("parity")
-        manifest = describe_model(model_name, model, weights, seed, opset, precisions)
+        manifest = describe_model(model_name, model, weights, seed, opset, precisions, decoder)
         manifest["files"] = _files(out)
-        manifest["versions"] = {m.__name__: m.__version__ for m in (torch, open_clip, onnx, onnxruntime)}
+        manifest["versions"] = versions(decoder is not None)
         manifest["parity"] = measure_parity(model, Bundle(out, manifest))
         bar.update()
     return manifest
+
+
+def versions(captioning: bool) -> dict[str, str]:
+    """The versions of the libraries that made the bundle (transformers too for a decoder)."""
+    modules = [torch, open_clip, onnx, onnxruntime]
+    if captioning:
+        import transformers
+
+        modules.append(transformers)
+    return {m.__name__: m.__version__ for m in modules}
+
+
+def _write_decoder(out: Path, decoder: LoadedDecoder, opset: int) -> None:
+    """The decoder's frozen tensors, its tokenizer.json and the two caption graphs."""
+    from edge_client.captioner import Captioner
+
+    for name, tensors in decoder_tensors(decoder).items():
+        save_file(tensors, str(out / name))
+    (out / DECODER_TOKENIZER_FILE).write_text(decoder.tokenizer_json)
+    captioner = Captioner(decoder.projection, decoder.t5).eval()
+    export_caption_graphs(
+        captioner,
+        out / graph_file("caption_encoder", "fp32"),
+        out / graph_file("caption_decoder", "fp32"),
+        opset,
+    )
 
 
 def _check_output(out: Path) -> None:

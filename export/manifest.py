@@ -20,6 +20,7 @@ from edge_client.bundle import (
 )
 from edge_client.image_tower import ImageTowerSpec
 from edge_client.text_tower import TextTowerSpec
+from export.decoder import LoadedDecoder, decoder_parts
 from export.errors import UnsupportedModelError
 from export.models import WeightsSource
 from export.towers import image_tower_spec, text_parts, text_tower_spec
@@ -34,8 +35,10 @@ def describe_model(
     seed: int,
     opset: int,
     precisions: Sequence[str],
+    decoder: LoadedDecoder | None = None,
 ) -> dict[str, Any]:
-    """The manifest without `files`, `versions` and `parity`, in the order the manifest lists them."""
+    """The manifest without `files`, `versions` and `parity`, in the order the manifest lists them.
+    With `decoder`, the parts of the captioning capability are added."""
     check_tokenizer(model_name)
     text = text_parts(model)
     text_spec = text_tower_spec(text)
@@ -45,6 +48,8 @@ def describe_model(
     tokenizer = open_clip.get_tokenizer(model_name)
     square = image_size[0] == image_size[1]
     parts = bundle_parts(precisions, text_spec, image_spec)
+    if decoder is not None:
+        parts.update(decoder_parts(decoder))
     return {
         "format_version": FORMAT_VERSION,
         "model": model_name,

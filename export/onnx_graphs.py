@@ -25,7 +25,7 @@ def export_image_encoder(encoder: nn.Module, image_size: tuple[int, int], path: 
     """images float32 [N,3,H,W] -> image_features float32 [N,D], dynamic N."""
     inputs = {"images": torch.randn(EXAMPLE_BATCH, 3, *image_size)}
     axes = {"images": {0: "batch"}, "image_features": {0: "batch"}}
-    _export(encoder, inputs, ["image_features"], axes, path, opset, tower="image")
+    trace_to_onnx(encoder, inputs, ["image_features"], axes, path, opset, tower="image")
 
 
 def export_prompted_image_encoder(tower: FrozenImageTower, path: Path, opset: int) -> None:
@@ -43,7 +43,9 @@ def export_prompted_image_encoder(tower: FrozenImageTower, path: Path, opset: in
         "image_features": {0: "batch"},
         "patch_tokens": {0: "batch"},
     }
-    _export(tower, inputs, ["image_features", "patch_tokens"], axes, path, opset, tower="prompted image")
+    trace_to_onnx(
+        tower, inputs, ["image_features", "patch_tokens"], axes, path, opset, tower="prompted image"
+    )
 
 
 def export_text_encoder(encoder: nn.Module, context_length: int, width: int, path: Path, opset: int) -> None:
@@ -61,10 +63,10 @@ def export_text_encoder(encoder: nn.Module, context_length: int, width: int, pat
         "eot_positions": {0: "batch"},
         "text_features": {0: "batch"},
     }
-    _export(encoder, inputs, ["text_features"], axes, path, opset, tower="text")
+    trace_to_onnx(encoder, inputs, ["text_features"], axes, path, opset, tower="text")
 
 
-def _export(
+def trace_to_onnx(
     module: nn.Module,
     inputs: dict[str, torch.Tensor],
     output_names: list[str],

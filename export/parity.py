@@ -119,6 +119,10 @@ def measure_parity(model: nn.Module, bundle: Bundle, seed: int | None = None) ->
     parity["cut_context"] = _cut_context(bundle, tower, generator)
     if "visual_prompts" in bundle.capabilities:
         parity.update(_visual_prompt_parity(model, bundle, images, plain["fp32"], generator))
+    if "captioning" in bundle.capabilities:
+        from export.caption_parity import measure_caption_parity
+
+        parity["caption"] = measure_caption_parity(bundle, generator)
     return parity
 
 
@@ -227,14 +231,14 @@ class ParityCheck:
 
 def parity_checks(parity: dict[str, Any]) -> list[ParityCheck]:
     """The checks of a manifest "parity" entry (measured now or recorded at export), in print order."""
-    checks = [_agreement_check(f"image {p}", numbers, p) for p, numbers in parity.get("image", {}).items()]
-    checks += [_agreement_check(f"text {p}", numbers, p) for p, numbers in parity.get("text", {}).items()]
+    checks = [agreement_check(f"image {p}", numbers, p) for p, numbers in parity.get("image", {}).items()]
+    checks += [agreement_check(f"text {p}", numbers, p) for p, numbers in parity.get("text", {}).items()]
     if "text_tower" in parity:
-        checks.append(_agreement_check("text torch", parity["text_tower"], "fp32"))
+        checks.append(agreement_check("text torch", parity["text_tower"], "fp32"))
     tower = parity.get("image_tower")
     if tower is not None:
-        checks.append(_agreement_check("image torch", tower["features"], "fp32"))
-        checks.append(_agreement_check("image tokens", tower["tokens"], "fp32"))
+        checks.append(agreement_check("image torch", tower["features"], "fp32"))
+        checks.append(agreement_check("image tokens", tower["tokens"], "fp32"))
         bitwise = bool(tower["empty_prompts_bitwise"])
         result = "bitwise equal  ok" if bitwise else "not bitwise equal  FAILED"
         checks.append(
@@ -242,16 +246,20 @@ def parity_checks(parity: dict[str, Any]) -> list[ParityCheck]:
         )
     for precision, counts in parity.get("image_prompted", {}).items():
         for count, numbers in counts.items():
-            checks.append(_agreement_check(f"prompted {precision} P={count[1:]}", numbers, precision))
+            checks.append(agreement_check(f"prompted {precision} P={count[1:]}", numbers, precision))
     if "image_prompted_vs_plain" in parity:
-        check = _agreement_check("prompted = plain", parity["image_prompted_vs_plain"], "fp32")
+        check = agreement_check("prompted = plain", parity["image_prompted_vs_plain"], "fp32")
         checks.append(ParityCheck(check.label, check.passed, f"P=0 vs image_encoder.onnx: {check.detail}"))
     if "cut_context" in parity:
         checks.append(_cut_context_check(parity["cut_context"]))
+    if "caption" in parity:
+        from export.caption_parity import caption_checks
+
+        checks += caption_checks(parity["caption"])
     return checks
 
 
-def _agreement_check(label: str, numbers: dict[str, float], precision: str) -> ParityCheck:
+def agreement_check(label: str, numbers: dict[str, float], precision: str) -> ParityCheck:
     agreement = Agreement(**numbers)
     passed = agreement.passes(precision)
     return ParityCheck(

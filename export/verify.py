@@ -24,11 +24,12 @@ from edge_client.bundle import (
     sha256_file,
 )
 from edge_client.bundle_signature import SIGNATURE_FILE
+from export.decoder import DecoderSource, LoadedDecoder, decoder_tensors, load_decoder
 from export.errors import ExportError
 from export.manifest import describe_model
 from export.models import WeightsSource, build_model
 from export.parity import ParityCheck, measure_parity, parity_checks
-from export.towers import image_tower_tensors, text_parts
+from export.towers import image_tower_spec, image_tower_tensors, text_parts
 
 LABEL = 20  # width of the check-name column
 VERSIONED = ("torch", "open_clip", "onnx", "onnxruntime")
@@ -59,6 +60,7 @@ def verify_bundle(path: Path, echo: Callable[[str], None] = print, trusted_keys:
             signer = check_signature(bundle.path, (bundle.path / MANIFEST).read_bytes(), trusted_keys)
             echo(f"{'signature':<{LABEL}}ok, {MANIFEST} signed by trusted key {signer}")
         model = rebuild_model(bundle)
+        decoder = rebuild_decoder(bundle, model)
     except (BundleError, ExportError) as error:
         echo(f"FAILED: {error}")
         echo("verify: FAILED")
@@ -70,7 +72,7 @@ def verify_bundle(path: Path, echo: Callable[[str], None] = print, trusted_keys:
     )
     ok = True
     try:
-        for label, problems, success in _static_checks(bundle, model):
+        for label, problems, success in _static_checks(bundle, model, decoder):
             for problem in problems:
                 echo(f"{label:<{LABEL}}FAILED: {problem}")
             if not problems:
@@ -96,7 +98,9 @@ def verify_bundle(path: Path, echo: Callable[[str], None] = print, trusted_keys:
     return ok
 
 
-def _static_checks(bundle: Bundle, model: torch.nn.Module) -> Iterator[tuple[str, list[str], str]]:
+def _static_checks(
+    bundle: Bundle, model: torch.nn.Module, decoder: LoadedDecoder | None
+) -> Iterator[tuple[str, list[str], str]]:
     """(label, problems, what passing means) for every check that needs no graph run."""
     manifest = bundle.manifest
     expected = describe_model(
@@ -106,6 +110,7 @@ def _static_checks(bundle: Bundle, model: torch.nn.Module) -> Iterator[tuple[str
         manifest["seed"],
         manifest["opset"],
         manifest["precisions"],
+        decoder,
     )
     yield (
         "files",
@@ -118,7 +123,7 @@ def _static_checks(bundle: Bundle, model: torch.nn.Module) -> Iterator[tuple[str
         if key not in MANIFEST_FIELDS
     ]
     problems += [p for key in expected for p in _differences(key, manifest.get(key), expected[key])]
-    problems += _version_problems(manifest.get("versions"))
+    problems += _version_problems(manifest.get("versions"), decoder is not None)
     yield (
         "manifest",
         problems,
@@ -132,6 +137,12 @@ def _static_checks(bundle: Bundle, model: torch.nn.Module) -> Iterator[tuple[str
         if o != manifest["opset"]
     ]
     yield "opset", wrong, f"every graph is opset {manifest['opset']}"
+    if decoder is not None:
+        yield (
+            "decoder tokenizer",
+            _decoder_tokenizer_problems(bundle, decoder),
+            "tokenizer.json identical to the decoder's",
+        )
     yield (
         "tokenizer",
         _tokenizer_problems(bundle),
@@ -176,9 +187,10 @@ def _normalised(value: Any) -> Any:
     return value
 
 
-def _version_problems(versions: Any) -> list[str]:
-    if not isinstance(versions, dict) or set(versions) != set(VERSIONED):
-        return [f"versions must name exactly {', '.join(VERSIONED)}"]
+def _version_problems(versions: Any, captioning: bool) -> list[str]:
+    names = (*VERSIONED, "transformers") if captioning else VERSIONED
+    if not isinstance(versions, dict) or set(versions) != set(names):
+        return [f"versions must name exactly {', '.join(names)}"]
     return [f"versions.{k} is not a version string" for k, v in versions.items() if not isinstance(v, str)]
 
 
@@ -200,6 +212,35 @@ def _tokenizer_problems(bundle: Bundle) -> list[str]:
         for text, a, b in zip(TOKENIZER_PROBES, ours, theirs, strict=True)
         if not torch.equal(a, b)
     ]
+
+
+def _decoder_tokenizer_problems(bundle: Bundle, decoder: LoadedDecoder) -> list[str]:
+    stored = (bundle.path / bundle.parts["decoder_tokenizer"]["file"]).read_text()
+    return (
+        []
+        if stored == decoder.tokenizer_json
+        else ["the bundle's decoder tokenizer differs from the decoder's"]
+    )
+
+
+def rebuild_decoder(bundle: Bundle, model: torch.nn.Module) -> LoadedDecoder | None:
+    """The decoder the bundle was exported with (reloaded from its recorded source); its tensors
+    and the projection's must equal the bundle's. None for a bundle without captioning."""
+    if "decoder" not in bundle.parts:
+        return None
+    try:
+        source = DecoderSource(**bundle.parts["decoder"]["source"])
+    except TypeError as error:
+        raise ExportError(f"{MANIFEST}: parts.decoder.source is malformed ({error})") from error
+    image_spec = image_tower_spec(model)
+    decoder = load_decoder(
+        source, int(text_parts(model).text_projection.shape[1]), image_spec, bundle.manifest["seed"]
+    )
+    for name, rebuilt in decoder_tensors(decoder).items():
+        stored = load_file(str(bundle.path / name))
+        if rebuilt.keys() != stored.keys() or any(not torch.equal(rebuilt[k], stored[k]) for k in stored):
+            raise ExportError(f"the rebuilt decoder differs from {name} (different weights or torch version)")
+    return decoder
 
 
 def _recorded_parity_problems(recorded: Any, measured: list[ParityCheck]) -> list[str]:

@@ -16,3 +16,15 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from export.exporter import export_bundle
 
     return export_bundle(TINY_MODEL, "none", tmp_path_factory.mktemp("bundles") / TINY_MODEL, progress=False)
+
+
+@pytest.fixture(scope="session")
+def caption_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle of the tiny test model with a small random-weight T5 decoder exported from a local
+    folder (the captioning capability). Read-only, shared by the session."""
+    from export.exporter import export_bundle
+    from tests.random_t5 import save_random_t5
+
+    root = tmp_path_factory.mktemp("caption")
+    folder = save_random_t5(root / "t5")
+    return export_bundle(TINY_MODEL, "none", root / "bundle", progress=False, decoder=str(folder))

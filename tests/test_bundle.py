@@ -58,8 +58,8 @@ def test_missing_bundle_and_precision_are_clear_errors(tiny_bundle: Path, tmp_pa
         Bundle.open(tiny_bundle).image_session("fp16")
     with pytest.raises(BundleError, match="no fp16 image prompted encoder"):
         Bundle.open(tiny_bundle).image_session_prompted("fp16")
-    with pytest.raises(BundleError, match="unknown bundle capability 'captioning'"):
-        Bundle.open(tiny_bundle).require("captioning")
+    with pytest.raises(BundleError, match="unknown bundle capability 'segmentation'"):
+        Bundle.open(tiny_bundle).require("segmentation")
 
 
 def test_a_manifest_without_format_2_fields_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
