@@ -139,7 +139,7 @@ def zero_shot_accuracy(model: torch.nn.Module, data: ImageSet) -> float:
     return correct / len(data)
 
 
-def source_provenance() -> dict[str, object]:
+def source_provenance(files: tuple[Path, ...] = SOURCE_FILES) -> dict[str, object]:
     """The commit, and whether the pretraining script and the model config were unchanged from it
     (the shared checkout may have other uncommitted work, which does not touch the weights)."""
     root = Path(__file__).resolve().parents[1]
@@ -151,13 +151,13 @@ def source_provenance() -> dict[str, object]:
 
     try:
         commit = git("rev-parse", "HEAD")
-        changed = git("status", "--porcelain", "--", *(str(p) for p in SOURCE_FILES))
+        changed = git("status", "--porcelain", "--", *(str(p) for p in files))
     except (OSError, subprocess.CalledProcessError):
         commit, changed = "unknown", "unknown"
     return {
         "commit": commit,
         "sources_committed": changed == "",
-        "sources_sha256": {p.name: sha256_file(p) for p in SOURCE_FILES},
+        "sources_sha256": {p.name: sha256_file(p) for p in files},
     }
 
 

@@ -16,7 +16,6 @@ COMMANDS: dict[str, str] = {
     "verify": "export.commands:verify_command",
     "aggregator": "aggregator.cli:aggregator",
     "client": "edge_client.cli:client",
-    "pretrain": "export.pretrain:pretrain",
     "demo": "fedprompt.harness.demo:demo",
     "experiment": "fedprompt.harness.experiment_command:experiment_command",
 }
@@ -48,7 +47,7 @@ class DefaultLazyGroup(LazyGroup):
         self.default_command = default_command
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.list_commands(ctx) and args[0] not in ("-h", "--help"):
+        if not args or (args[0] not in self.list_commands(ctx) and args[0] not in ("-h", "--help")):
             args = [self.default_command, *args]
         return super().parse_args(ctx, args)
 
@@ -69,3 +68,16 @@ def main() -> None:
 )
 def bench() -> None:
     """Benchmarks: `bench BUNDLE` (frozen encoders, the default) and `bench train BUNDLE`."""
+
+
+@main.group(
+    cls=DefaultLazyGroup,
+    default_command="clip",
+    lazy_commands={
+        "clip": "export.pretrain:pretrain",
+        "captioner": "fedprompt.harness.pretrain_captioner:pretrain_captioner_command",
+    },
+)
+def pretrain() -> None:
+    """Pretraining of the embedded models: `pretrain` (the tiny CLIP, the default) and `pretrain
+    captioner` (the tiny T5 captioner on the frozen tiny CLIP)."""
