@@ -27,7 +27,6 @@ from edge_client.bundle_signature import (
     signing_key,
 )
 from edge_client.providers import make_session
-from edge_client.tokenizer import ClipTokenizer
 
 if TYPE_CHECKING:
     from edge_client.caption_onnx import OnnxStepper
@@ -35,6 +34,7 @@ if TYPE_CHECKING:
     from edge_client.captioner import Captioner
     from edge_client.image_tower import FrozenImageTower
     from edge_client.text_tower import FrozenTextTower
+    from edge_client.tokenizer import ClipTokenizer
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
@@ -343,6 +343,8 @@ class Bundle:
 
     def tokenizer(self) -> ClipTokenizer:
         """CLIP's BPE tokenizer on the bundle's vocabulary file, with the bundle's context length."""
+        from edge_client.tokenizer import ClipTokenizer
+
         entry = self.manifest["tokenizer"]
         if entry["kind"] != "open_clip":
             raise BundleError(f"bundle {self.path}: tokenizer kind {entry['kind']!r} is not supported")

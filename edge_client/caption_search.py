@@ -32,6 +32,9 @@ class Decoding:
     length_penalty: float = 1.0
 
 
+GREEDY = Decoding()
+
+
 def generate(
     stepper: Stepper,
     prompt: np.ndarray | None,
@@ -39,7 +42,7 @@ def generate(
     patch_tokens: np.ndarray,
     start_id: int,
     eos_id: int,
-    decoding: Decoding = Decoding(),
+    decoding: Decoding = GREEDY,
 ) -> list[list[int]]:
     """Token ids of one caption per image (EOS not included)."""
     state = stepper.start(prompt, image_features, patch_tokens)

@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "verify": "export.commands:verify_command",
     "aggregator": "aggregator.cli:aggregator",
     "client": "edge_client.cli:client",
+    "caption": "edge_client.caption_cli:caption_command",
     "demo": "fedprompt.harness.demo:demo",
     "experiment": "fedprompt.harness.experiment_command:experiment_command",
 }
@@ -64,10 +65,12 @@ def main() -> None:
     lazy_commands={
         "encoders": "export.bench:bench_encoders",
         "train": "edge_client.train_bench:bench_train",
+        "caption": "export.caption_bench:bench_caption",
     },
 )
 def bench() -> None:
-    """Benchmarks: `bench BUNDLE` (frozen encoders, the default) and `bench train BUNDLE`."""
+    """Benchmarks: `bench BUNDLE` (frozen encoders, the default), `bench train BUNDLE` and `bench
+    caption BUNDLE` (caption generation, onnxruntime vs torch)."""
 
 
 @main.group(
