@@ -41,6 +41,7 @@ from aggregator.strategies.combine import UpdateCombiner, distance
 from aggregator.strategies.registry import SERVER_STRATEGIES
 from aggregator.validation import ReportError, check_examples, check_metrics, check_privacy, printable
 from fedprompt.common.codec import CodecError, decode_tensor_set, encode_tensor_set
+from fedprompt.common.privacy_labels import describe_epsilon
 from fedprompt.common.secure_round import SecureRoundParams, StepReply
 
 log = logging.getLogger("fedprompt.aggregator")
@@ -658,7 +659,7 @@ class RoundCoordinator:
         accuracy = m["client_metrics"].get("accuracy")
         log.info(
             "round %d/%d committed: %d clients, %d examples, mean local accuracy %s, "
-            "up %.1f KB/client, down %.1f KB/client, epsilon %s, %.1f s",
+            "up %.1f KB/client, down %.1f KB/client, %s, %.1f s",
             record.round_id,
             self.rules.rounds,
             len(m["clients"]),
@@ -666,12 +667,23 @@ class RoundCoordinator:
             "n/a" if accuracy is None else f"{accuracy:.3f}",
             m["bytes_up_per_client"] / 1024,
             m["bytes_down_per_client"] / 1024,
-            _privacy_label(m["epsilon_max"], m["delta"]),
+            self._epsilon_text(m["epsilon_max"], m["delta"]),
             m["duration_s"],
         )
+        global_epsilon = m["strategy"].get("global_epsilon")
+        if global_epsilon is not None:
+            log.info(
+                "round %d/%d server-side global DP: %s",
+                record.round_id,
+                self.rules.rounds,
+                describe_epsilon(
+                    global_epsilon, m["strategy"]["global_delta"], "global", self.config.training.accountant
+                ),
+            )
 
-
-def _privacy_label(epsilon: float | None, delta: float | None) -> str:
-    if epsilon is None:
-        return "n/a"
-    return f"{epsilon:.3g}" + ("" if delta is None else f" (delta {delta:.0e})")
+    def _epsilon_text(self, epsilon: float | None, delta: float | None) -> str:
+        """The devices' largest reported epsilon, named by the run's DP mode and accountant."""
+        training = self.config.training
+        if epsilon is None or delta is None or training.dp == "none":
+            return "epsilon n/a"
+        return describe_epsilon(epsilon, delta, training.dp, training.accountant)

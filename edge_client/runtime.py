@@ -32,6 +32,7 @@ from edge_client.secure_upload import GrpcSecureChannel, params_from_message, se
 from edge_client.tls import ChannelSecurity, closed_socket_hint, tls_failure
 from fedprompt.common.codec import CodecError, decode_tensor_set, encode_tensor_set, iter_chunks, join_chunks
 from fedprompt.common.files import write_atomically
+from fedprompt.common.privacy_labels import describe_epsilon
 from fedprompt.common.settings import SettingsError, TrainingSettings
 from protos import fedprompt_pb2 as pb
 from protos import fedprompt_pb2_grpc as pb_grpc
@@ -403,6 +404,13 @@ class ClientRuntime:
             len(update) / 1024,
             encoding,
         )
+        if "epsilon" in result.privacy:
+            settings = TrainingSettings.from_dict(task.settings)
+            log.info(
+                "round %d: privacy spent so far: %s",
+                task.round_id,
+                describe_epsilon(result.privacy["epsilon"], settings.delta, settings.dp, settings.accountant),
+            )
         upload_header = pb.UpdateHeader(
             run_id=task.run_id,
             round_id=task.round_id,

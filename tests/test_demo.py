@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from independent_accounting import assert_tight
 
 from edge_client.datasets import fashion_mnist_dir
 from fedprompt.harness.demo import FULL
@@ -38,7 +39,11 @@ def test_quick_demo_writes_a_sane_report(tmp_path: Path) -> None:
         assert 0.0 <= report[key] <= 1.0
     assert report["rounds"] == 2 == len(report["per_round"])
     assert math.isfinite(report["epsilon"]) and report["epsilon"] > 0
-    assert report["epsilon"] == pytest.approx(report["epsilon_opacus_rdp"], rel=1e-6)
+    training = report["settings"]["training"]
+    history = [(training["noise_multiplier"] / 2, 1.0, report["rounds"])]  # replace-one: sigma / 2
+    assert_tight(report["epsilon"], history, report["delta"])
+    assert report["epsilon"] < report["epsilon_rdp"] and report["accountant"] == "prv"
+    assert "replace-one adjacency" in result.stdout and "opacus PRV" in result.stdout
     assert 0 < report["delta"] < 1
     assert 0 < report["bytes_up_per_client_round"] <= 16 * 1024
     assert all(len(r["clients"]) == 4 for r in report["per_round"])

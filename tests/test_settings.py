@@ -16,7 +16,7 @@ EDGE_CLIENT = Path(__file__).parents[1] / "edge_client"
 
 def test_defaults_follow_coop_and_round_trip_through_json() -> None:
     settings = TrainingSettings()
-    assert settings.n_ctx == 16 and settings.dp == "none" and settings.accountant == "rdp"
+    assert settings.n_ctx == 16 and settings.dp == "none" and settings.accountant == "prv"
     changed = TrainingSettings.from_dict({"dp": "client", "clip": 2, "epsilon_budget": 8, "n_ctx": 4})
     again = TrainingSettings.from_dict(json.loads(json.dumps(changed.to_dict())))
     assert again == changed and again.clip == 2.0 and isinstance(again.clip, float)
@@ -34,7 +34,7 @@ def test_defaults_follow_coop_and_round_trip_through_json() -> None:
         ({"batch_size": 0}, "'batch_size' must be at least 1"),
         ({"dp": "sample", "noise_multiplier": 0}, "'noise_multiplier' must be positive when dp is on"),
         ({"delta": 1}, "'delta' must be in (0, 1)"),
-        ({"accountant": "gdp"}, "'accountant' must be one of rdp, prv"),
+        ({"accountant": "gdp"}, "'accountant' must be one of prv, rdp"),
         ({"clip": None}, "'clip' must not be null"),
     ],
 )

@@ -13,8 +13,9 @@ import math
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
+from fedprompt.common.privacy_labels import ACCOUNTANT_KINDS
+
 DP_MODES = ("none", "client", "sample")
-ACCOUNTANTS = ("rdp", "prv")
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -63,7 +64,7 @@ class TrainingSettings:
     noise_multiplier: float = 1.0
     delta: float = 1e-5
     epsilon_budget: float | None = None
-    accountant: str = "rdp"
+    accountant: str = "prv"
     rank: int = 8
     global_clip: float = 1.0
     global_noise_multiplier: float = 0.0
@@ -94,7 +95,8 @@ class TrainingSettings:
         self._check(0 < self.delta < 1, "delta", "must be in (0, 1)")
         budget = self.epsilon_budget
         self._check(budget is None or budget > 0, "epsilon_budget", "must be positive (or null for none)")
-        self._check(self.accountant in ACCOUNTANTS, "accountant", f"must be one of {', '.join(ACCOUNTANTS)}")
+        kinds = ", ".join(ACCOUNTANT_KINDS)
+        self._check(self.accountant in ACCOUNTANT_KINDS, "accountant", f"must be one of {kinds}")
         self._check(self.rank >= 1, "rank", "must be at least 1")
         self._check(self.global_clip > 0, "global_clip", "must be positive")
         self._check(self.global_noise_multiplier >= 0, "global_noise_multiplier", "must be >= 0 (0 = off)")

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from edge_client.bundle import Bundle
+from fedprompt.common.privacy_labels import short_label
 from fedprompt.harness.experiment import ExperimentResults
 from fedprompt.harness.experiment_config import CLAIM_METRICS, ZERO_SHOT, Claim
 from fedprompt.harness.round_metrics import COLUMNS
@@ -80,9 +81,12 @@ def _method_line(results: ExperimentResults, label: str) -> str:
     privacy = "–"
     if epsilons:
         delta = max(r["delta"] for r in finals.values() if r["delta"] is not None)
-        privacy = f"{_spread(epsilons, 2)} (δ {delta:g}, σ {_spread(noise, 2)})"
+        settings = next(e.settings for e in results.config.methods if e.label == label)
+        named = short_label(settings.dp, settings.accountant)
+        privacy = f"{_spread(epsilons, 2)} (δ {delta:g}, σ {_spread(noise, 2)}; {named})"
     if central:
-        privacy += f"; server ε {_spread(central, 2)}"
+        settings = next(e.settings for e in results.config.methods if e.label == label)
+        privacy += f"; server ε {_spread(central, 2)} ({short_label('global', settings.accountant)})"
     traffic = "–"
     if label != ZERO_SHOT and any(r["bytes_up"] for r in rows):
         up = float(np.mean([r["bytes_up"] for r in rows]))
