@@ -307,9 +307,12 @@ class RoundCoordinator:
             self._cond.notify_all()
             return reply
 
-    def global_model(self) -> tuple[int, bytes]:
+    def served_model(self, client_id: str) -> tuple[int, bytes]:
+        """The last committed round and what it serves `client_id`: the global state plus the
+        method's per-client extras (pFedMoAP's experts), as a task of the next round would."""
         with self._cond:
-            return self.committed, encode_tensor_set(self.global_state, self.config.server.task_encoding)
+            served = self.strategy.tensors_for_client(self.global_state, client_id)
+            return self.committed, encode_tensor_set(served, self.config.server.task_encoding)
 
     def stop(self) -> None:
         with self._cond:

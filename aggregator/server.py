@@ -244,8 +244,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     def FetchGlobal(
         self, request: pb.FetchGlobalRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.ModelChunk]:
-        self.coordinator.authenticate(request.session)
-        round_id, payload = self.coordinator.global_model()
+        client_id = self.coordinator.authenticate(request.session)
+        round_id, payload = self.coordinator.served_model(client_id)
         header = pb.ModelHeader(
             run_id=self.coordinator.run_id,
             round_id=round_id,

@@ -8,7 +8,6 @@ import platform
 from pathlib import Path
 
 import click
-import numpy as np
 
 
 @click.group()
@@ -151,6 +150,6 @@ def run(
         raise click.Abort() from None
     finally:
         link.close()
-    out = state_dir / "final_global.npz"
-    np.savez(out, **final["tensors"])
-    click.echo(f"run {final['run_id']} finished after round {final['round_id']}; final global model in {out}")
+    click.echo(f"run {final['run_id']} finished after round {final['round_id']}")
+    if final["kept"]:
+        click.echo(f"classify with it: fedprompt predict --bundle {bundle} --state-dir {state_dir} IMAGES...")

@@ -26,6 +26,7 @@ from typing import TypeVar
 
 import grpc
 
+from edge_client.device_run import save_served, save_task
 from edge_client.methods.base import ClientMethod, RoundTask
 from edge_client.pending_upload import PendingUpload, PendingUploadFile
 from edge_client.secure_upload import GrpcSecureChannel, params_from_message, secure_upload
@@ -388,6 +389,7 @@ class ClientRuntime:
             task.method,
             deadline - time.monotonic(),
         )
+        save_task(self.state_dir, task)
         started = time.monotonic()
         interval = header.heartbeat_interval_s or 10.0
         with Heartbeat(self.link, self.identity.session, task.round_id, interval, deadline) as heartbeat:
@@ -461,5 +463,11 @@ class ClientRuntime:
             ),
         )
         tensors = decode_tensor_set(payload)
-        log.info("run %s finished after round %d; final global model fetched", header.run_id, header.round_id)
-        return {"run_id": header.run_id, "round_id": header.round_id, "tensors": tensors}
+        kept = save_served(self.state_dir, header.run_id, header.round_id, tensors)
+        log.info(
+            "run %s finished after round %d; the model served to this device %s",
+            header.run_id,
+            header.round_id,
+            "is kept for `fedprompt predict`" if kept else "was fetched (this device never trained for it)",
+        )
+        return {"run_id": header.run_id, "round_id": header.round_id, "tensors": tensors, "kept": kept}

@@ -19,6 +19,7 @@ import torch
 
 from edge_client.bundle import Bundle
 from edge_client.datasets import DatasetError, ImageSet, load_dataset
+from edge_client.device_run import save_classes
 from edge_client.features import image_features
 from edge_client.preprocess import PreprocessError
 from edge_client.prompt_encoder import PromptTextEncoder
@@ -143,6 +144,7 @@ class ClientWorkspace:
             raise WorkspaceError(str(error)) from None
         workspace = cls(bundle, bundle.text_tower(), train_images.class_names, *splits, state_dir)
         workspace.state_dir.mkdir(parents=True, exist_ok=True)
+        save_classes(workspace.state_dir, workspace.class_names, bundle.digest)
         return workspace
 
     @property

@@ -19,6 +19,8 @@ COMMANDS: dict[str, str] = {
     "caption": "edge_client.caption_cli:caption_command",
     "demo": "fedprompt.harness.demo:demo",
     "experiment": "fedprompt.harness.experiment_command:experiment_command",
+    "predict": "edge_client.predict:predict_command",
+    "export-classifier": "edge_client.classifier_export:export_classifier_command",
 }
 
 
@@ -66,11 +68,13 @@ def main() -> None:
         "encoders": "export.bench:bench_encoders",
         "train": "edge_client.train_bench:bench_train",
         "caption": "export.caption_bench:bench_caption",
+        "classifier": "export.classifier_bench:bench_classifier",
     },
 )
 def bench() -> None:
-    """Benchmarks: `bench BUNDLE` (frozen encoders, the default), `bench train BUNDLE` and `bench
-    caption BUNDLE` (caption generation, onnxruntime vs torch)."""
+    """Benchmarks: `bench BUNDLE` (frozen encoders, the default), `bench train BUNDLE`, `bench
+    caption BUNDLE` (caption generation, onnxruntime vs torch) and `bench classifier DIR` (an
+    exported classifier)."""
 
 
 @main.group(

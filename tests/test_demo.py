@@ -55,6 +55,20 @@ def test_quick_demo_writes_a_sane_report(tmp_path: Path) -> None:
     assert "held-out acc" in result.stdout and "local-only" in result.stdout
     assert (tmp_path / "work" / "logs" / "aggregator.log").is_file()
 
+    # on a device after the demo: its served model classifies its held-out folder as the demo said
+    work, predicted = tmp_path / "work", tmp_path / "predict.json"
+    device = work / "clients" / "client-0"
+    done = subprocess.run(
+        [FEDPROMPT, "predict", "--bundle", str(work / "bundle"), "--state-dir", str(device),
+         "--data", str(work / "data" / "client_0" / "eval"), "--json", str(predicted)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(predicted.read_text())["accuracy"] == pytest.approx(
+        report["per_client"][0]["federated"],
+        abs=1e-6,  # the demo's mean is float32
+    )
+
 
 @pytest.mark.parametrize(
     ("name", "split"),

@@ -14,6 +14,7 @@ from aggregator_process import free_port as closed_port
 from PIL import Image
 
 from aggregator.store import SQLiteStore
+from edge_client.device_run import load_device_run
 from edge_client.runtime import AggregatorLink, ClientError, backoff_delays
 from protos import fedprompt_pb2 as pb
 
@@ -150,5 +151,6 @@ def test_three_client_processes_train_promptfl_through_a_real_aggregator(
         assert 0.0 <= record.metrics["client_metrics"]["accuracy"] <= 1.0
         assert record.metrics["epsilon_max"] > 0
         assert record.metrics["bytes_up_per_client"] <= first.size * 2 + 64  # fp16 on the wire
-    final = np.load(tmp_path / "client0" / "final_global.npz")
-    np.testing.assert_allclose(final["ctx"], second, rtol=1e-6)
+    kept = load_device_run(tmp_path / "client0")
+    assert (kept.method, kept.round_id) == ("promptfl", 2)
+    np.testing.assert_allclose(kept.served["ctx"], second, rtol=1e-6)

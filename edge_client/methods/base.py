@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+from torch import nn
 
 
 @dataclass
@@ -39,3 +40,10 @@ class ClientMethod(ABC):
     @abstractmethod
     def run_round(self, task: RoundTask) -> RoundResult:
         """Train on local data starting from the task's tensors and return the update to upload."""
+
+    @abstractmethod
+    def head(self, task: RoundTask) -> nn.Module:
+        """The classifier this device holds at the start of `task`'s round, without training: from
+        the task's tensors and what the method keeps on the device to a head mapping normalised
+        image features [B, D] to class logits [B, K] (`edge_client.class_heads`). After a run it
+        is applied to the served model: what the harness scores and `fedprompt predict` uses."""

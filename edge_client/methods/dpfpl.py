@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
+from edge_client.class_heads import LinearHead
 from edge_client.dp_sgd import train_dp_sgd
 from edge_client.local_privacy import RoundCost
 from edge_client.methods import register
@@ -152,6 +153,33 @@ class DPFPLClient(ClientMethod):
     def __init__(self, workspace: ClientWorkspace) -> None:
         self.workspace = workspace
 
+    def start(
+        self, task: RoundTask, settings: TrainingSettings
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(global prompt, local prompt, warm-start v) a round starts from: the task's global prompt
+        (zero in round 1) and the device's saved local prompt (CoOp's seeded start at first)."""
+        shape = (settings.n_ctx, self.workspace.text_width)
+        global_ctx = received_tensor(task, "ctx", shape)
+        global_ctx = torch.zeros(shape) if global_ctx is None else global_ctx
+        path = state_file(self.workspace.state_dir, self.name, task.run_id)
+        saved = load_tensors(path)
+        if saved and tuple(saved["local"].shape) != shape:
+            raise WorkspaceError(f"{path} holds a local prompt of another shape; remove it knowingly")
+        local = (
+            torch.from_numpy(saved["local"])
+            if saved
+            else initial_context(*shape, settings.ctx_init_std, settings.seed)
+        )
+        return global_ctx, local, torch.from_numpy(saved["v"]) if saved else None
+
+    @torch.no_grad()
+    def head(self, task: RoundTask) -> LinearHead:
+        """The personalised prompt global + local."""
+        settings = TrainingSettings.from_dict(task.settings)
+        global_ctx, local, _ = self.start(task, settings)
+        encode = self.workspace.text_encoder(settings.n_ctx)
+        return LinearHead(encode(global_ctx + local), self.workspace.logit_scale)
+
     def run_round(self, task: RoundTask) -> RoundResult:
         settings = TrainingSettings.from_dict(task.settings)
         if settings.dp == "client":
@@ -161,19 +189,8 @@ class DPFPLClient(ClientMethod):
         if settings.rank > settings.n_ctx:
             raise SettingsError(f"setting 'rank' must be at most n_ctx ({settings.n_ctx}) for dpfpl")
         ws = self.workspace
-        shape = (settings.n_ctx, ws.text_width)
-        global_ctx = received_tensor(task, "ctx", shape)
-        global_ctx = torch.zeros(shape) if global_ctx is None else global_ctx
+        global_ctx, local, warm_v = self.start(task, settings)
         path = state_file(ws.state_dir, self.name, task.run_id)
-        saved = load_tensors(path)
-        if saved and tuple(saved["local"].shape) != shape:
-            raise WorkspaceError(f"{path} holds a local prompt of another shape; remove it knowingly")
-        local = (
-            torch.from_numpy(saved["local"])
-            if saved
-            else initial_context(*shape, settings.ctx_init_std, settings.seed)
-        )
-        warm_v = torch.from_numpy(saved["v"]) if saved else None
         accountant, cost = paid_round(ws, settings)
         prompt, theta = PersonalPrompt.start(global_ctx, local, settings.rank, warm_v, settings.seed)
         encode, scale = ws.text_encoder(settings.n_ctx), ws.logit_scale

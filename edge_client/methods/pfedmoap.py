@@ -31,7 +31,13 @@ from torch.func import functional_call
 from edge_client.methods import register
 from edge_client.methods.base import ClientMethod, RoundResult, RoundTask
 from edge_client.methods.local_state import load_tensors, save_tensors, state_file
-from edge_client.methods.moe_gating import AttentionGating, FeatureSubsampler, expert_features, mixture_logits
+from edge_client.methods.moe_gating import (
+    AttentionGating,
+    FeatureSubsampler,
+    MixtureHead,
+    expert_features,
+    mixture_logits,
+)
 from edge_client.methods.round_parts import client_level_upload, global_context, paid_round, round_generator
 from edge_client.training import Inputs, Objective, Params, TextEncoder, accuracy, train_plain
 from edge_client.workspace import ClientWorkspace, WorkspaceError
@@ -117,6 +123,19 @@ class PFedMoAPClient(ClientMethod):
                     f"{path} holds a gating network of other settings; remove it knowingly"
                 ) from None
         return gating
+
+    @torch.no_grad()
+    def head(self, task: RoundTask) -> MixtureHead:
+        """The global prompt as local prompt, mixed with this round's experts by the saved gating."""
+        settings = TrainingSettings.from_dict(task.settings)
+        ws = self.workspace
+        encode = ws.text_encoder(settings.n_ctx)
+        received = self.received_experts(task, settings)
+        subsample = FeatureSubsampler(ws.bundle.embed_dim, settings.gating_dim, settings.gating_heads)
+        gating = self.gating(task, settings, subsample.width)
+        experts = None if received is None else expert_features(encode, received, subsample)
+        start = global_context(task, settings, ws.text_width)
+        return MixtureHead(encode(start), experts, gating, subsample, ws.logit_scale, settings.mixture_lambda)
 
     def run_round(self, task: RoundTask) -> RoundResult:
         settings = TrainingSettings.from_dict(task.settings)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from edge_client.class_heads import LinearHead
 from edge_client.dp_sgd import train_dp_sgd
 from edge_client.methods import register
 from edge_client.methods.base import ClientMethod, RoundResult, RoundTask
@@ -36,6 +37,12 @@ class PromptFLClient(ClientMethod):
     def start_context(self, task: RoundTask, settings: TrainingSettings) -> torch.Tensor:
         """The global ctx of the task, or the shared seeded initialisation in round 1."""
         return global_context(task, settings, self.workspace.text_width)
+
+    @torch.no_grad()
+    def head(self, task: RoundTask) -> LinearHead:
+        settings = TrainingSettings.from_dict(task.settings)
+        encode = self.workspace.text_encoder(settings.n_ctx)
+        return LinearHead(encode(self.start_context(task, settings)), self.workspace.logit_scale)
 
     def run_round(self, task: RoundTask) -> RoundResult:
         settings = TrainingSettings.from_dict(task.settings)

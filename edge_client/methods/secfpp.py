@@ -21,10 +21,12 @@ stays on the device too: secure aggregation sends only accuracies, inside the su
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from edge_client.class_heads import LinearHead
 from edge_client.dp_sgd import train_dp_sgd
 from edge_client.methods import register
 from edge_client.methods.base import ClientMethod, RoundResult, RoundTask
@@ -64,6 +66,20 @@ class HierarchicalPrompt:
         return text_features
 
 
+@dataclass(frozen=True)
+class RoundStart:
+    """Where a SecFPP round starts on this device."""
+
+    prompt: HierarchicalPrompt
+    path: Path
+    class_level: torch.Tensor
+    point: np.ndarray | None
+    initial: torch.Tensor
+    clusters: tuple[np.ndarray, np.ndarray] | None
+    slot: int | None
+    domain: torch.Tensor
+
+
 @register
 class SecFPPClient(ClientMethod):
     name = "secfpp"
@@ -91,12 +107,9 @@ class SecFPPClient(ClientMethod):
             )
         return np.asarray(domain, np.float32), np.asarray(centroids, np.float64)
 
-    def run_round(self, task: RoundTask) -> RoundResult:
-        settings = TrainingSettings.from_dict(task.settings)
-        if settings.dp == "client":
-            raise SettingsError(
-                'secfpp applies local DP as DP-SGD on its prompts: set dp = "sample" (or "none")'
-            )
+    def start(self, task: RoundTask, settings: TrainingSettings) -> RoundStart:
+        """The device's saved parts and the domain prompt of its nearest cluster (or the shared
+        initialisation before it has a descriptor or the server has clusters)."""
         ws = self.workspace
         prompt = HierarchicalPrompt(settings.n_ctx, ws.text_width, len(ws.class_names))
         path = state_file(ws.state_dir, self.name, task.run_id)
@@ -109,7 +122,28 @@ class SecFPPClient(ClientMethod):
         initial = initial_context(prompt.n_ctx, prompt.width, settings.ctx_init_std, settings.seed)
         clusters = self.received(task, settings)
         slot = None if point is None or clusters is None else nearest(point, clusters[1])
-        start = initial if slot is None else torch.from_numpy(clusters[0][slot].copy())
+        domain = initial if slot is None else torch.from_numpy(clusters[0][slot].copy())
+        return RoundStart(prompt, path, class_level, point, initial, clusters, slot, domain)
+
+    @torch.no_grad()
+    def head(self, task: RoundTask) -> LinearHead:
+        """Class c through the nearest cluster's domain prompt plus the device's class-level c."""
+        settings = TrainingSettings.from_dict(task.settings)
+        begin = self.start(task, settings)
+        encode = begin.prompt.encoder(self.workspace.text_encoder(settings.n_ctx))
+        theta = begin.prompt.pack(begin.domain, begin.class_level)
+        return LinearHead(encode(theta), self.workspace.logit_scale)
+
+    def run_round(self, task: RoundTask) -> RoundResult:
+        settings = TrainingSettings.from_dict(task.settings)
+        if settings.dp == "client":
+            raise SettingsError(
+                'secfpp applies local DP as DP-SGD on its prompts: set dp = "sample" (or "none")'
+            )
+        ws = self.workspace
+        begin = self.start(task, settings)
+        prompt, path, class_level, point = begin.prompt, begin.path, begin.class_level, begin.point
+        initial, clusters, slot, start = begin.initial, begin.clusters, begin.slot, begin.domain
 
         accountant, cost = paid_round(ws, settings)
         encode = prompt.encoder(ws.text_encoder(settings.n_ctx))

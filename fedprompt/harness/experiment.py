@@ -168,8 +168,7 @@ def _run_entry(
         round_row(r.clients, domains, {**identity, "round": r.round_id}, r.metrics.get("strategy"))
         for r in run.rounds
     ]
-    served = [a for a in run.served_accuracy if a is not None]
-    rows[-1]["served_accuracy"] = float(np.mean(served)) if served else None
+    rows[-1]["served_accuracy"] = float(np.mean(run.served_accuracy))
     return rows
 
 

@@ -93,7 +93,7 @@ class FederatedRun:
 
     rounds: list[RoundRecord]
     client_ids: list[str]
-    served_accuracy: list[float | None]
+    served_accuracy: list[float]
 
 
 def run_federated(
@@ -131,9 +131,7 @@ def run_federated(
             driver.join()
         if driver.error is not None:
             raise driver.error
-        served = served_accuracies(
-            coordinator, workspaces, client_ids, rules.task_encoding, state.parent / "served"
-        )
+        served = served_accuracies(coordinator, workspaces, client_ids)
         return FederatedRun(uploads.with_local_reports(store.rounds()), client_ids, served)
     finally:
         store.close()
