@@ -1,11 +1,12 @@
-"""What a trained method classifies with on the device: a head from normalised image features to
-class logits, built once from the prompts (their class text features are constants of the head).
+"""What a trained method classifies with on the device: its training objective's classifier at
+fixed tensors, as a module from normalised image features to class logits.
 
 Every method's client half builds its head from a round's task and what it keeps on the device
-(`ClientMethod.head`), so the harness, `fedprompt predict` and `fedprompt export-classifier` all
-classify with the one definition; a head is a plain `nn.Module`, so it exports to ONNX as is.
-Most methods classify with `LinearHead`; one with another classifier defines its head in its own
-module (pFedMoAP: `edge_client.methods.moe_gating.MixtureHead`).
+(`ClientMethod.head`) with the same `Objective` it trains and scores its rounds with, so the
+harness, `fedprompt predict` and `fedprompt export-classifier` all classify with the one
+definition. What the objective computes once from the tensors (`shared`: the class text features)
+is computed when the head is built, so a prediction costs only the objective's `classify`; the head
+is a plain `nn.Module` and exports to ONNX as it is.
 """
 
 from __future__ import annotations
@@ -13,18 +14,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edge_client.training import normalise
+from edge_client.training import Objective, Params
 
 
-class LinearHead(nn.Module):
-    """CLIP's classifier: `images @ (logit_scale * normalise(text).T)`, one matrix product."""
+class ObjectiveHead(nn.Module):
+    """`objective.classify` at fixed tensors `params`, its `shared` part computed once."""
 
-    def __init__(self, text_features: torch.Tensor, logit_scale: float) -> None:
+    def __init__(self, objective: Objective, params: Params) -> None:
         super().__init__()
-        self.register_buffer("weight", (logit_scale * normalise(text_features.detach()).T).contiguous())
+        self.objective = objective
+        self.params = objective.frozen({name: tensor.detach() for name, tensor in params.items()})
+        with torch.no_grad():
+            self.shared = objective.shared(self.params)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return images @ self.weight
+        return self.objective.classify(self.shared, self.params, (images,))
 
 
 @torch.no_grad()

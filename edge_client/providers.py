@@ -28,16 +28,6 @@ class ProviderError(ValueError):
     """A requested execution provider is unknown or not usable on this device."""
 
 
-def cuda_device_present() -> bool:
-    """Whether a CUDA device is there: torch says so when installed; an exported classifier runs
-    without torch, and then the NVIDIA driver's device node stands in."""
-    try:
-        import torch  # optional here: the torch-free classifier imports this module
-    except ImportError:
-        return Path("/dev/nvidiactl").exists()
-    return torch.cuda.is_available()
-
-
 def usable_providers() -> list[str]:
     """Providers that can really run here, best first (TensorRT, then CUDA, then CPU)."""
     available = set(ort.get_available_providers())
@@ -47,7 +37,7 @@ def usable_providers() -> list[str]:
 
 def cuda_device_present() -> bool:
     """torch's answer when torch is already loaded; otherwise the NVIDIA driver's device list, so
-    that inference-only paths (caption generation) need not import torch."""
+    that inference-only paths (caption generation, the exported classifier) need not import torch."""
     if "torch" in sys.modules:
         return bool(sys.modules["torch"].cuda.is_available())
     gpus = Path("/proc/driver/nvidia/gpus")

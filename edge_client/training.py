@@ -77,6 +77,12 @@ class Objective(ABC):
         logits = self.classify(shared, params, inputs)
         return F.cross_entropy(logits, labels, reduction="none"), logits
 
+    def frozen(self, params: Params) -> Params:
+        """The tensors as constants of a classifier that no longer trains (`edge_client.class_heads`):
+        an objective that applies a module functionally may load them into it and return the rest,
+        so the classifier traces to ONNX. All of them, unchanged, by default."""
+        return params
+
     def before_step(self, params: Params) -> None:  # noqa: B027 (no re-parametrisation by default)
         """Re-parametrise the trainable tensors in place before each step (e.g. DP-FPL's
         re-factorisation); a function of the previous iterate only, so post-processing under DP."""

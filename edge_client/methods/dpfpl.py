@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from edge_client.class_heads import LinearHead
+from edge_client.class_heads import ObjectiveHead
 from edge_client.dp_sgd import train_dp_sgd
 from edge_client.local_privacy import RoundCost
 from edge_client.methods import register
@@ -173,12 +173,14 @@ class DPFPLClient(ClientMethod):
         return global_ctx, local, torch.from_numpy(saved["v"]) if saved else None
 
     @torch.no_grad()
-    def head(self, task: RoundTask) -> LinearHead:
-        """The personalised prompt global + local."""
+    def head(self, task: RoundTask) -> ObjectiveHead:
+        """CoOp's classifier of the personalised prompt global + local."""
         settings = TrainingSettings.from_dict(task.settings)
         global_ctx, local, _ = self.start(task, settings)
-        encode = self.workspace.text_encoder(settings.n_ctx)
-        return LinearHead(encode(global_ctx + local), self.workspace.logit_scale)
+        objective = PromptObjective.coop(
+            self.workspace.text_encoder(settings.n_ctx), self.workspace.logit_scale
+        )
+        return ObjectiveHead(objective, {"ctx": global_ctx + local})
 
     def run_round(self, task: RoundTask) -> RoundResult:
         settings = TrainingSettings.from_dict(task.settings)

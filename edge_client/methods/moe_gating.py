@@ -89,36 +89,3 @@ def mixture_logits(
     keys = torch.cat([subsample(local)[None], experts]).transpose(0, 1)  # [C, 1 + E, d]
     mixed = gating(queries, keys)  # [C, B, d]
     return mixture_lambda * local_logits + logit_scale * torch.einsum("bd,cbd->bc", queries, mixed)
-
-
-class MixtureHead(nn.Module):
-    """pFedMoAP's classifier: the local prompt's logits mixed with those of the prompt experts by
-    the device's gating network (`edge_client.methods.moe_gating.mixture_logits`)."""
-
-    def __init__(
-        self,
-        local_text: torch.Tensor,
-        experts: torch.Tensor | None,
-        gating: AttentionGating,
-        subsample: FeatureSubsampler,
-        logit_scale: float,
-        mixture_lambda: float,
-    ) -> None:
-        super().__init__()
-        self.register_buffer("local_text", local_text.detach().clone())
-        self.register_buffer("experts", None if experts is None else experts.detach().clone())
-        self.gating = gating
-        self.subsample = subsample
-        self.logit_scale = logit_scale
-        self.mixture_lambda = mixture_lambda
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return mixture_logits(
-            images,
-            self.local_text,
-            self.experts,
-            self.gating,
-            self.subsample,
-            self.logit_scale,
-            self.mixture_lambda,
-        )

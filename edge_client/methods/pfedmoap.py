@@ -28,13 +28,13 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
+from edge_client.class_heads import ObjectiveHead
 from edge_client.methods import register
 from edge_client.methods.base import ClientMethod, RoundResult, RoundTask
 from edge_client.methods.local_state import load_tensors, save_tensors, state_file
 from edge_client.methods.moe_gating import (
     AttentionGating,
     FeatureSubsampler,
-    MixtureHead,
     expert_features,
     mixture_logits,
 )
@@ -71,13 +71,23 @@ class MixtureObjective(Objective):
         if trained:
             self.gating.load_state_dict(trained)
 
+    def frozen(self, params: Params) -> Params:
+        """The gating tensors loaded into the network, so the classifier calls it directly."""
+        self.keep_gating(params)
+        self.gating.requires_grad_(False)
+        return {name: t for name, t in params.items() if not name.startswith(GATING)}
+
     def shared(self, params: Params) -> torch.Tensor:
         return self.encode(params["ctx"])
 
     def classify(self, shared: torch.Tensor, params: Params, inputs: Inputs) -> torch.Tensor:
+        """Mixture logits; the gating network runs on the gating tensors among `params`, or on its
+        own when there are none (a frozen classifier)."""
         gating = {name[len(GATING) :]: t for name, t in params.items() if name.startswith(GATING)}
 
         def attend(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+            if not gating:
+                return self.gating(queries, keys)
             return functional_call(self.gating, gating, (queries, keys))
 
         return mixture_logits(
@@ -124,34 +134,38 @@ class PFedMoAPClient(ClientMethod):
                 ) from None
         return gating
 
-    @torch.no_grad()
-    def head(self, task: RoundTask) -> MixtureHead:
-        """The global prompt as local prompt, mixed with this round's experts by the saved gating."""
-        settings = TrainingSettings.from_dict(task.settings)
+    def starting_model(
+        self, task: RoundTask, settings: TrainingSettings
+    ) -> tuple[MixtureObjective, Params, torch.Tensor | None]:
+        """The objective and tensors a round starts from: the global prompt as local prompt with
+        this round's experts and the device's gating network (trainable once there are experts),
+        and the experts as received."""
         ws = self.workspace
         encode = ws.text_encoder(settings.n_ctx)
+        start = global_context(task, settings, ws.text_width)
         received = self.received_experts(task, settings)
         subsample = FeatureSubsampler(ws.bundle.embed_dim, settings.gating_dim, settings.gating_heads)
         gating = self.gating(task, settings, subsample.width)
         experts = None if received is None else expert_features(encode, received, subsample)
-        start = global_context(task, settings, ws.text_width)
-        return MixtureHead(encode(start), experts, gating, subsample, ws.logit_scale, settings.mixture_lambda)
+        objective = MixtureObjective(
+            encode, experts, gating, subsample, ws.logit_scale, settings.mixture_lambda
+        )
+        params = {"ctx": start} if experts is None else {"ctx": start, **objective.gating_params()}
+        return objective, params, received
+
+    def head(self, task: RoundTask) -> ObjectiveHead:
+        objective, params, _ = self.starting_model(task, TrainingSettings.from_dict(task.settings))
+        return ObjectiveHead(objective, params)
 
     def run_round(self, task: RoundTask) -> RoundResult:
         settings = TrainingSettings.from_dict(task.settings)
         if settings.dp == "sample":
             raise SettingsError('pfedmoap has no sample-level DP-SGD: set dp = "client" (or "none")')
         ws = self.workspace
-        train, evaluation, scale = ws.train, ws.evaluation, ws.logit_scale
-        encode = ws.text_encoder(settings.n_ctx)
-        start = global_context(task, settings, ws.text_width)
-        received = self.received_experts(task, settings)
+        train, evaluation = ws.train, ws.evaluation
+        objective, params, received = self.starting_model(task, settings)
+        start = params["ctx"]
         accountant, cost = paid_round(ws, settings)
-        subsample = FeatureSubsampler(ws.bundle.embed_dim, settings.gating_dim, settings.gating_heads)
-        gating = self.gating(task, settings, subsample.width)
-        experts = None if received is None else expert_features(encode, received, subsample)
-        objective = MixtureObjective(encode, experts, gating, subsample, scale, settings.mixture_lambda)
-        params = {"ctx": start} if experts is None else {"ctx": start, **objective.gating_params()}
         images, labels = evaluation.tensors()
         metrics: dict[str, float] = {"experts": 0.0 if received is None else float(len(received))}
         if len(evaluation):
@@ -159,8 +173,8 @@ class PFedMoAPClient(ClientMethod):
         order = round_generator(settings, task.round_id)
         params, stats = train_plain(objective, params, (train.features,), train.labels, settings, order)
         objective.keep_gating(params)
-        if experts is not None:
-            gating_state = {name: t.detach().numpy() for name, t in gating.state_dict().items()}
+        if received is not None:
+            gating_state = {name: t.detach().numpy() for name, t in objective.gating.state_dict().items()}
             save_tensors(state_file(ws.state_dir, self.name, task.run_id), gating_state)
         metrics.update(stats.metrics())
         if len(evaluation):

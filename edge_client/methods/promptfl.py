@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from edge_client.class_heads import LinearHead
+from edge_client.class_heads import ObjectiveHead
 from edge_client.dp_sgd import train_dp_sgd
 from edge_client.methods import register
 from edge_client.methods.base import ClientMethod, RoundResult, RoundTask
@@ -39,10 +39,11 @@ class PromptFLClient(ClientMethod):
         return global_context(task, settings, self.workspace.text_width)
 
     @torch.no_grad()
-    def head(self, task: RoundTask) -> LinearHead:
+    def head(self, task: RoundTask) -> ObjectiveHead:
         settings = TrainingSettings.from_dict(task.settings)
         encode = self.workspace.text_encoder(settings.n_ctx)
-        return LinearHead(encode(self.start_context(task, settings)), self.workspace.logit_scale)
+        objective = PromptObjective.coop(encode, self.workspace.logit_scale)
+        return ObjectiveHead(objective, {"ctx": self.start_context(task, settings)})
 
     def run_round(self, task: RoundTask) -> RoundResult:
         settings = TrainingSettings.from_dict(task.settings)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_client.class_heads import LinearHead
+from edge_client.class_heads import ObjectiveHead
 from edge_client.dp_sgd import train_dp_sgd
 from edge_client.methods import register
 from edge_client.methods.base import ClientMethod, RoundResult, RoundTask
@@ -125,14 +125,17 @@ class SecFPPClient(ClientMethod):
         domain = initial if slot is None else torch.from_numpy(clusters[0][slot].copy())
         return RoundStart(prompt, path, class_level, point, initial, clusters, slot, domain)
 
-    @torch.no_grad()
-    def head(self, task: RoundTask) -> LinearHead:
+    def objective(self, settings: TrainingSettings, prompt: HierarchicalPrompt) -> PromptObjective:
+        """CoOp's loss with class c through `domain + class_level[c]`, trained as {"theta"}."""
+        encode = prompt.encoder(self.workspace.text_encoder(settings.n_ctx))
+        return PromptObjective(lambda params: encode(params["theta"]), self.workspace.logit_scale)
+
+    def head(self, task: RoundTask) -> ObjectiveHead:
         """Class c through the nearest cluster's domain prompt plus the device's class-level c."""
         settings = TrainingSettings.from_dict(task.settings)
         begin = self.start(task, settings)
-        encode = begin.prompt.encoder(self.workspace.text_encoder(settings.n_ctx))
-        theta = begin.prompt.pack(begin.domain, begin.class_level)
-        return LinearHead(encode(theta), self.workspace.logit_scale)
+        params = {"theta": begin.prompt.pack(begin.domain, begin.class_level)}
+        return ObjectiveHead(self.objective(settings, begin.prompt), params)
 
     def run_round(self, task: RoundTask) -> RoundResult:
         settings = TrainingSettings.from_dict(task.settings)
@@ -146,8 +149,7 @@ class SecFPPClient(ClientMethod):
         initial, clusters, slot, start = begin.initial, begin.clusters, begin.slot, begin.domain
 
         accountant, cost = paid_round(ws, settings)
-        encode = prompt.encoder(ws.text_encoder(settings.n_ctx))
-        objective = PromptObjective(lambda params: encode(params["theta"]), ws.logit_scale)
+        objective = self.objective(settings, prompt)
         params = {"theta": prompt.pack(start, class_level)}
         metrics: dict[str, float] = {}
         images, held_out_labels = ws.evaluation.tensors()
