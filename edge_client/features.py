@@ -38,11 +38,14 @@ class FeatureStats:
     rebuilt: bool
 
 
-def encoder_key(bundle: Bundle, precision: str) -> str:
-    """Identity of the function image -> features: encoder file hash, precision, preprocessing."""
+def encoder_key(bundle: Bundle, precision: str, flip: bool = False) -> str:
+    """Identity of the function image -> features: encoder file hash, precision, preprocessing
+    (and the horizontal flip of the preprocessed image, when asked)."""
     bundle.encoder_path("image", precision)  # the bundle's own clear error if it lacks this precision
     entry = bundle.manifest["files"][encoder_file("image", precision)]
     identity = {"encoder_sha256": entry["sha256"], "precision": precision, "preprocess": bundle.preprocess}
+    if flip:
+        identity["transform"] = "hflip"
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
@@ -89,10 +92,12 @@ def image_features(
     providers: Sequence[str] | None = None,
     batch_size: int = 32,
     progress: bool = True,
+    flip: bool = False,
 ) -> tuple[np.ndarray, FeatureStats]:
-    """Features [N, D] float32 (not normalised) of every image, computing only cache misses."""
+    """Features [N, D] float32 (not normalised) of every image, computing only cache misses; with
+    `flip`, of each preprocessed image flipped left-right (cached under its own key)."""
     precision = precision or bundle.manifest["default_precision"]
-    cache = FeatureCache(cache_dir, encoder_key(bundle, precision))
+    cache = FeatureCache(cache_dir, encoder_key(bundle, precision, flip))
     cached, rebuilt = cache.read()
     digests = [images.content_digest(i).encode() for i in range(len(images))]
     hits = sum(d in cached for d in digests)
@@ -104,6 +109,8 @@ def image_features(
         for start in tqdm(starts, desc="image features", unit="batch", disable=not progress, leave=False):
             batch = missing[start : start + batch_size]
             pixels = np.stack([preprocess(images.rgb(i)) for i in batch])
+            if flip:
+                pixels = np.ascontiguousarray(pixels[..., ::-1])
             (features,) = session.run(["image_features"], {"images": pixels})
             cached.update((digests[i], row) for i, row in zip(batch, features, strict=True))
         cache.write(cached)

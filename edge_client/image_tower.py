@@ -111,13 +111,25 @@ class FrozenImageTower(nn.Module):
     def forward(
         self, images: torch.Tensor, prompt_tokens: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode(self.embed(images), prompt_tokens)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 1+T, Wv] input tokens (class token and patch embeddings, positional embedding added):
+        frozen, so a method may compute them once per image (FedMVP's PromptFormer queries them)."""
         spec = self.spec
         if tuple(images.shape[-2:]) != spec.image_size:
             raise ValueError(f"images are {tuple(images.shape[-2:])}, the tower takes {spec.image_size}")
         n, width = images.shape[0], spec.width
         patches = F.conv2d(images, self.conv1_weight, stride=spec.patch_size).flatten(2).transpose(1, 2)
         class_token = self.class_embedding.view(1, 1, width).expand(n, 1, width)
-        x = torch.cat([class_token, patches], dim=1) + self.positional_embedding
+        return torch.cat([class_token, patches], dim=1) + self.positional_embedding
+
+    def encode(
+        self, x: torch.Tensor, prompt_tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` from the input tokens of `embed`."""
+        spec = self.spec
+        n, width = x.shape[0], spec.width
         if prompt_tokens is None:
             prompt_tokens = x.new_zeros(n, 0, width)
         elif prompt_tokens.shape[-1] != width:

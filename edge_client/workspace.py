@@ -39,10 +39,12 @@ class WorkspaceError(Exception):
 
 @dataclass(frozen=True)
 class LabelledFeatures:
-    """Normalised image features [N, D] and labels [N] of one local split."""
+    """Normalised image features [N, D] and labels [N] of one local split, and its images for
+    methods that train through the image tower (None where only features exist)."""
 
     features: torch.Tensor
     labels: torch.Tensor
+    images: ImageSet | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -181,4 +183,4 @@ def _featurise(
     if len(images) == 0:
         return LabelledFeatures(torch.zeros(0, bundle.embed_dim), torch.zeros(0, dtype=torch.int64))
     features, _ = image_features(images, bundle, cache_dir, precision, providers, progress=progress)
-    return LabelledFeatures(normalise(torch.from_numpy(features)), torch.from_numpy(images.labels))
+    return LabelledFeatures(normalise(torch.from_numpy(features)), torch.from_numpy(images.labels), images)
