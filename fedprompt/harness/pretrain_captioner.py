@@ -71,7 +71,7 @@ class CaptionerSettings:
     train_images: int = 30_000
     scenes: int = 6000
     eval_scenes: int = 300
-    steps: int = 4000
+    steps: int = 1500
     batch_size: int = 64
     lr: float = 2e-3
     warmup_steps: int = 100
