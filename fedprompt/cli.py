@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "experiment": "fedprompt.harness.experiment_command:experiment_command",
     "predict": "edge_client.predict:predict_command",
     "export-classifier": "edge_client.classifier_export:export_classifier_command",
+    "caption-experiment": "fedprompt.harness.caption_experiment:caption_experiment_command",
 }
 
 
