@@ -201,14 +201,16 @@ class SecureAggregationConfig(Section):
 
     `threshold` t: shares needed to recover a client's secrets; up to t - 1 clients colluding with
     the server learn nothing more than the sum, and a round survives as long as t clients answer
-    the unmasking (a session needs at least t + 1 clients). `degree` 0 = every pair of clients
-    masks (SecAgg), an even k >= t = a random k-regular graph (SecAgg+, cost O(k) per client).
+    the unmasking (a session needs at least t + 1 clients). Each session raises it to a majority
+    of its members (of a neighbourhood with SecAgg+), never below 3: devices refuse less.
+    `degree` 0 = every pair of clients masks (SecAgg), an even k >= t = a random k-regular graph
+    (SecAgg+, cost O(k) per client).
     Each step after the first (which waits for training, until the round's deadline) must finish
     within `step_timeout_s`. Values are clipped to [-value_bound, value_bound] and summed modulo
     2**modulus_bits; example counts above `example_cap` weigh as `example_cap`."""
 
     enabled: bool = False
-    threshold: int = 2
+    threshold: int = 3
     degree: int = 0
     modulus_bits: int = 32
     value_bound: float = 4.0

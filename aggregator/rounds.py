@@ -158,10 +158,10 @@ class RoundCoordinator:
     def finished(self) -> bool:
         return self.committed >= self.rules.rounds
 
-    def enroll(self, token: str, name: str) -> tuple[str, str]:
+    def enroll(self, token: str, name: str, device_key: bytes = b"") -> tuple[str, str]:
         name = printable(name)  # kept and logged: no control characters, bounded
         try:
-            client_id, session = self.store.enroll(token, name)
+            client_id, session = self.store.enroll(token, name, device_key)
         except AuthError as error:
             raise Refused(grpc.StatusCode.PERMISSION_DENIED, str(error)) from None
         self._touch(client_id)
@@ -486,18 +486,21 @@ class RoundCoordinator:
         return self._aggregate(current, accepted)
 
     def _secure_sum_ready(self, current: OpenRound) -> bool:
-        """Advances the round's secure aggregation; True once it holds a usable sum. A failed
-        attempt (too many dropouts, too few clients summed, a revoked survivor) is logged and
-        replaced by a new one with fresh keys."""
+        """Advances the round's secure aggregation; True once it holds a usable sum, which its
+        members are then told. A failed attempt (too many dropouts, too few clients summed, a
+        revoked survivor) is logged and replaced by a new one with fresh keys; members whose
+        masked input went out bring a freshly trained update to it."""
         live = self._live()
         self._note_silent(current, current.sampled - live)
         session = current.secure
         if session is not None and session.failure is None:
             session.advance(live, time.time())
-            unusable = session.failure is None and self._unusable_sum(current, session)
-            if unusable:
-                session.fail(unusable)
+            unusable = session.failure is None and session.result is not None
+            unusable = unusable and self._unusable_sum(current, session.survivors)
+            if unusable:  # revoked while unmasking: the sum is dropped, its inputs are spent
+                session.fail(f"{unusable}; the sum was discarded, its members train afresh")
             if session.failure is None and session.result is not None:
+                session.accept()
                 self._summed = session
                 return True
             if session.failure is None:
@@ -509,12 +512,12 @@ class RoundCoordinator:
         self._start_secure_attempt(current, live)
         return False
 
-    def _unusable_sum(self, current: OpenRound, session: SecureSession) -> str | None:
-        if session.result is None:
-            return None
-        if len(session.survivors) < self.rules.min_updates:
-            return f"only {len(session.survivors)} clients summed, fewer than rounds.min_updates"
-        revoked = self.store.revoked_clients(session.survivors)
+    def _unusable_sum(self, current: OpenRound, survivors: list[str]) -> str | None:
+        """Why a sum of these survivors could not be committed: checked before the unmask request
+        (so no sum is recovered and then discarded) and again once the sum is in."""
+        if len(survivors) < self.rules.min_updates:
+            return f"only {len(survivors)} clients would be summed, fewer than rounds.min_updates"
+        revoked = self.store.revoked_clients(survivors)
         if revoked:
             current.sampled -= revoked
             return f"the sum includes {', '.join(sorted(revoked))}, whose token was revoked"
@@ -539,14 +542,21 @@ class RoundCoordinator:
         current.attempts += 1
         layout = expected_layout(self.strategy.update_spec(self.global_state))
         current.secure = self.secure.start(
-            self.run_id, current.round_id, current.attempts, members, current.deadline_unix, layout
+            self.run_id,
+            current.round_id,
+            current.attempts,
+            members,
+            current.deadline_unix,
+            layout,
+            self.store.device_keys(sorted(members)),
+            lambda survivors: self._unusable_sum(current, survivors),
         )
         log.info(
             "round %d: secure aggregation attempt %d with %d clients (threshold %d)",
             current.round_id,
             current.attempts,
             len(members),
-            threshold,
+            current.secure.threshold,
         )
         self._cond.notify_all()
 

@@ -5,14 +5,25 @@ One `SecureSession` per attempt at a round drives the core's `SecAggServer`
 
 - step 0 (key advertisements) while the members train: when every member has advertised or gone
   silent (no call for `client_timeout_s`), or at the round's deadline;
-- steps 1-3 (share uploads, masked inputs, unmask responses): when every client still expected has
-  answered or gone silent, or `step_timeout_s` after the previous step closed.
+- steps 1-4 (share uploads, masked inputs, survivor signatures, unmask responses): when every
+  client still expected has answered or gone silent, or `step_timeout_s` after the previous step
+  closed.
+
+Everything that could make the round discard a recovered sum (rounds.min_updates, a revoked
+survivor) is checked by `vet` when the masked inputs are in, before the unmask request goes out:
+a second sum of the same inputs without one of them would reveal it. A member is told `done`
+only once the round has accepted the sum (`accept`); until then it keeps its update.
 
 A client missing a step is a dropout, and the core's recovery (Shamir shares of its secrets) keeps
 the sum of the others while `threshold` clients answer every step. Past that the attempt fails with
 the core's `TooManyDropoutsError` line and the coordinator starts a new attempt with a new session
 id, hence fresh keys; nothing of an attempt is persisted, so a restarted daemon also starts the
-open round's secure aggregation again (clients resend their saved update, without training).
+open round's secure aggregation again (clients whose masked input had not gone out resend their
+saved update, without training; the others train afresh).
+
+The threshold of a session is the configured one raised to a majority of the members (of a
+neighbourhood with SecAgg+), which is what devices require by default. Each member's key
+advertisement must be signed by the device key registered at its enrolment.
 
 What the server learns in a session: which members took part at each step (so who survived), the
 sum over the survivors of their weighted, clipped, quantised vectors (`fedprompt.common.
@@ -23,7 +34,7 @@ individual update: every masked input is uniform modulo 2**bits without the othe
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import grpc
 import numpy as np
@@ -42,7 +53,9 @@ from fedprompt.common.secagg import (
     TooManyDropoutsError,
     UnmaskResponse,
 )
+from fedprompt.common.secagg.messages import SurvivorSignature
 from fedprompt.common.secagg.modulus import Modulus
+from fedprompt.common.secagg.policy import ThresholdFloor
 from fedprompt.common.secure_round import (
     STEPS,
     LayoutError,
@@ -56,7 +69,9 @@ DONE = len(STEPS)
 POLL_S = 0.2
 """How long a client waits before asking again while a step is open."""
 MESSAGE_OVERHEAD_BYTES = 4096
-_MESSAGES = (KeyAdvertisement, ShareUpload, MaskedInput, UnmaskResponse)
+_MESSAGES = (KeyAdvertisement, ShareUpload, MaskedInput, SurvivorSignature, UnmaskResponse)
+Vet = Callable[[list[str]], str | None]
+"""Why a sum of these survivors could not be used (None: it could): checked before unmasking."""
 
 
 class StepRefused(Exception):
@@ -80,11 +95,17 @@ class SecureSession:
         deadline_unix: float,
         max_message_bytes: int,
         expected_layout: SumLayout | None = None,
+        device_keys: dict[str, bytes] | None = None,
+        vet: Vet = lambda survivors: None,
     ) -> None:
         self.settings = settings
         self.session_id = session_id
         self.members = {client: index for index, client in enumerate(sorted(members))}
         self._names = {index: client for client, index in self.members.items()}
+        self.device_keys = device_keys or {}
+        self.vet = vet
+        self.threshold = session_threshold(settings, len(self.members))
+        self.accepted = False
         self.example_cap = example_cap
         self.deadline_unix = deadline_unix
         self.max_message_bytes = max_message_bytes
@@ -110,11 +131,12 @@ class SecureSession:
         return SecureRoundParams(
             self.session_id,
             self.members[client_id],
-            s.threshold,
+            self.threshold,
             s.degree or None,
             s.modulus_bits,
             s.value_bound,
             self.example_cap,
+            tuple(sorted(self.members)),
         )
 
     def has_begun(self, client_id: str) -> bool:
@@ -125,6 +147,10 @@ class SecureSession:
     def fail(self, reason: str) -> None:
         """End the attempt; members are told `reason` at their next step."""
         self.failure = reason
+
+    def accept(self) -> None:
+        """The round takes the sum: the members are told `done`."""
+        self.accepted = True
 
     # ---- messages --------------------------------------------------------------------------
 
@@ -169,6 +195,10 @@ class SecureSession:
                 raise ProtocolError("a message must carry its sender's own member id")
             if step == 0:
                 self._fix_layout(layout)
+                if parsed.identity_key != self.device_keys.get(client_id):
+                    raise ProtocolError(
+                        "the advertisement is not signed with the device key registered at enrolment"
+                    )
             self._feed(step, parsed)
         except MessageFormatError as error:
             raise StepRefused(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
@@ -202,7 +232,7 @@ class SecureSession:
         if self._server is None:
             config = SecAggConfig(
                 layout.length,
-                self.settings.threshold,
+                self.threshold,
                 self.settings.modulus_bits,
                 self.settings.degree or None,
             )
@@ -216,6 +246,8 @@ class SecureSession:
             server.add_share_upload(message)
         elif step == 2:
             server.add_masked_input(message)
+        elif step == 3:
+            server.add_survivor_signature(message)
         else:
             server.add_unmask_response(message)
 
@@ -227,8 +259,10 @@ class SecureSession:
             return self._aborted(
                 f"no {STEPS[step]} arrived from this client in time; left out of this attempt"
             )
+        if step == DONE - 1 and self.step == DONE and self.accepted:
+            return StepReply("done")  # only once the round took the sum: a discarded one must reach it
         if step == DONE - 1 and self.step == DONE:
-            return StepReply("done")  # only once the sum is recovered: a failure must reach it
+            return StepReply("pending", retry_after_s=POLL_S, deadline_in_s=deadline_in_s)
         if self.step == step:
             return StepReply("pending", retry_after_s=POLL_S, deadline_in_s=deadline_in_s)
         if self.step > step + 1 or client_id not in self.expected:
@@ -275,9 +309,17 @@ class SecureSession:
             self.expected = set(self._openers[1])
         elif step == 2:
             request = server.unmask_request()
+            survivors = sorted(self._names[i] for i in request.survivors)
+            unusable = self.vet(survivors)
+            if unusable:
+                raise TooManyDropoutsError(f"{unusable}; nothing unmasked")
             self._openers[2] = request.to_bytes()
-            self.expected = {self._names[i] for i in request.survivors}
+            self.expected = set(survivors)
             self.dropped = sorted(self._names[i] for i in request.dropped)
+        elif step == 3:
+            signed = server.signed_survivors()
+            self._openers[3] = signed.to_bytes()
+            self.expected = {self._names[s.client_id] for s in signed.signatures}
         else:
             result = server.result()
             self.survivors = sorted(self._names[i] for i in result.survivors)
@@ -291,13 +333,19 @@ class SecureSession:
             "survivors": len(self.survivors),
             "dropped_after_sharing": len(self.dropped),
             "members": len(self.members),
-            "threshold": self.settings.threshold,
+            "threshold": self.threshold,
             "degree": self.settings.degree,
             "modulus_bits": self.settings.modulus_bits,
             "value_bound": self.settings.value_bound,
             "example_cap": self.example_cap,
             "vector_length": 0 if self.layout is None else self.layout.length,
         }
+
+
+def session_threshold(settings: SecureAggregationConfig, members: int) -> int:
+    """The configured threshold raised to the devices' default floor for this many members."""
+    neighbourhood = members if not settings.degree else min(members, settings.degree + 1)
+    return max(settings.threshold, ThresholdFloor().lowest(neighbourhood))
 
 
 def _sender(message: object) -> int:
@@ -325,6 +373,8 @@ class SecureRounds:
         members: Iterable[str],
         deadline_unix: float,
         layout: SumLayout | None,
+        device_keys: dict[str, bytes],
+        vet: Vet,
     ) -> SecureSession:
         """A new attempt: a session id never used before (so fresh keys on every client)."""
         session_id = f"{secrets.token_hex(8)}/{round_id}/{attempt}/{run_id}".encode()
@@ -336,6 +386,8 @@ class SecureRounds:
             deadline_unix,
             self.max_message_bytes,
             layout,
+            device_keys,
+            vet,
         )
 
 

@@ -134,7 +134,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
 
     @refusals_as_status
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollReply:
-        client_id, session = self.coordinator.enroll(request.token, request.client_name)
+        client_id, session = self.coordinator.enroll(request.token, request.client_name, request.device_key)
         return pb.EnrollReply(
             client_id=client_id,
             session=session,
@@ -265,6 +265,7 @@ def _secure_message(params: SecureRoundParams) -> pb.SecureAggregation:
         modulus_bits=params.modulus_bits,
         value_bound=params.value_bound,
         example_cap=params.example_cap,
+        member_names=params.member_names,
     )
 
 

@@ -157,8 +157,14 @@ class Store(ABC):
         """All tokens, revoked ones included."""
 
     @abstractmethod
-    def enroll(self, token: str, name: str) -> tuple[str, str]:
-        """(client id, new session) for a valid token; the same token always gets the same id."""
+    def enroll(self, token: str, name: str, device_key: bytes = b"") -> tuple[str, str]:
+        """(client id, new session) for a valid token; the same token always gets the same id. The
+        first enrolment binds the token to the device's long-term public key (secure aggregation
+        signs with it); a later enrolment with another key is refused."""
+
+    @abstractmethod
+    def device_keys(self, client_ids: list[str]) -> dict[str, bytes]:
+        """The device keys registered for those of `client_ids` that have one."""
 
     @abstractmethod
     def client_for_session(self, session: str) -> str | None:
@@ -193,7 +199,7 @@ CREATE TABLE IF NOT EXISTS tokens (
     created_at REAL NOT NULL, revoked_at REAL);
 CREATE TABLE IF NOT EXISTS clients (
     client_id TEXT PRIMARY KEY, token_id TEXT NOT NULL UNIQUE REFERENCES tokens(token_id),
-    name TEXT NOT NULL, session_hash TEXT, enrolled_at REAL NOT NULL);
+    name TEXT NOT NULL, session_hash TEXT, enrolled_at REAL NOT NULL, device_key TEXT);
 CREATE INDEX IF NOT EXISTS clients_by_session ON clients(session_hash);
 CREATE TABLE IF NOT EXISTS open_round (
     singleton INTEGER PRIMARY KEY CHECK (singleton = 1), round_id INTEGER NOT NULL,
@@ -223,6 +229,9 @@ class SQLiteStore(Store):
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
                 self._db.executescript(_SCHEMA)
+                columns = {row[1] for row in self._db.execute("PRAGMA table_info(clients)")}
+                if "device_key" not in columns:  # a state file from before device keys
+                    self._db.execute("ALTER TABLE clients ADD COLUMN device_key TEXT")
             self._db.execute("PRAGMA busy_timeout=10000")
             self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlite3.DatabaseError as error:
@@ -437,7 +446,7 @@ class SQLiteStore(Store):
             for tid, label, created, revoked, client in rows
         ]
 
-    def enroll(self, token: str, name: str) -> tuple[str, str]:
+    def enroll(self, token: str, name: str, device_key: bytes = b"") -> tuple[str, str]:
         rows = self._query("SELECT token_id, revoked_at FROM tokens WHERE token_hash = ?", (_hash(token),))
         if not rows:
             raise AuthError("unknown enrolment token")
@@ -445,18 +454,34 @@ class SQLiteStore(Store):
         if revoked_at is not None:
             raise AuthError("enrolment token has been revoked")
         session = secrets.token_urlsafe(32)
-        known = self._query("SELECT client_id FROM clients WHERE token_id = ?", (token_id,))
+        known = self._query("SELECT client_id, device_key FROM clients WHERE token_id = ?", (token_id,))
         client_id = known[0][0] if known else f"c-{token_id}"
+        bound = known[0][1] if known else None
+        key = device_key.hex() or None
+        if bound and key != bound:
+            raise AuthError("this enrolment token is bound to another device key")
         self._transaction(
             [
                 (
-                    "INSERT INTO clients VALUES (?, ?, ?, ?, ?) ON CONFLICT(client_id) DO UPDATE SET "
-                    "session_hash = excluded.session_hash, name = excluded.name",
-                    (client_id, token_id, name, _hash(session), time.time()),
+                    "INSERT INTO clients VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(client_id) DO UPDATE SET "
+                    "session_hash = excluded.session_hash, name = excluded.name, "
+                    "device_key = coalesce(clients.device_key, excluded.device_key)",
+                    (client_id, token_id, name, _hash(session), time.time(), key),
                 )
             ]
         )
         return client_id, session
+
+    def device_keys(self, client_ids: list[str]) -> dict[str, bytes]:
+        if not client_ids:
+            return {}
+        marks = ", ".join("?" * len(client_ids))
+        rows = self._query(
+            "SELECT client_id, device_key FROM clients "
+            f"WHERE device_key IS NOT NULL AND client_id IN ({marks})",
+            tuple(client_ids),
+        )
+        return {client: bytes.fromhex(key) for client, key in rows}
 
     def client_for_session(self, session: str) -> str | None:
         rows = self._query("SELECT client_id FROM clients WHERE session_hash = ?", (_hash(session),))

@@ -47,8 +47,17 @@ class PendingUploadFile:
 
     def __init__(self, state_dir: Path) -> None:
         self.path = Path(state_dir) / PENDING_FILE
+        self._spent = self.path.with_name(PENDING_FILE + ".spent")
+
+    def mark_spent(self) -> None:
+        """Its masked input is about to leave in a secure session: it must never be summed again."""
+        write_atomically(self._spent, b"")
+
+    def spent(self) -> bool:
+        return self._spent.exists()
 
     def save(self, upload: PendingUpload) -> None:
+        self._spent.unlink(missing_ok=True)
         header = upload.header.SerializeToString()
         write_atomically(self.path, _LENGTH.pack(len(header)) + header + upload.payload)
 
@@ -72,3 +81,4 @@ class PendingUploadFile:
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
+        self._spent.unlink(missing_ok=True)

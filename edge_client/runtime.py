@@ -26,14 +26,16 @@ from typing import TypeVar
 
 import grpc
 
+from edge_client.device_identity import PeerPins, device_identity
 from edge_client.device_run import save_served, save_task
 from edge_client.methods.base import ClientMethod, RoundTask
 from edge_client.pending_upload import PendingUpload, PendingUploadFile
-from edge_client.secure_upload import GrpcSecureChannel, params_from_message, secure_upload
+from edge_client.secure_upload import GrpcSecureChannel, Outcome, params_from_message, secure_upload
 from edge_client.tls import ChannelSecurity, closed_socket_hint, tls_failure
 from fedprompt.common.codec import CodecError, decode_tensor_set, encode_tensor_set, iter_chunks, join_chunks
 from fedprompt.common.files import write_atomically
 from fedprompt.common.privacy_labels import describe_epsilon
+from fedprompt.common.secagg.policy import ThresholdFloor
 from fedprompt.common.settings import SettingsError, TrainingSettings
 from protos import fedprompt_pb2 as pb
 from protos import fedprompt_pb2_grpc as pb_grpc
@@ -204,8 +206,10 @@ class ClientRuntime:
         state_dir: Path,
         token: str | None,
         name: str = "",
+        threshold_floor: ThresholdFloor | None = None,
     ) -> None:
         self.link = link
+        self.threshold_floor = threshold_floor or ThresholdFloor()
         self.make_method = make_method
         self.state_dir = state_dir
         self.token = token
@@ -239,7 +243,12 @@ class ClientRuntime:
             reply = self.link.call(
                 "enrol",
                 lambda: self.link.stub.Enroll(
-                    pb.EnrollRequest(token=self.token, client_name=self.name), timeout=self.link.rpc_timeout_s
+                    pb.EnrollRequest(
+                        token=self.token,
+                        client_name=self.name,
+                        device_key=device_identity(self.state_dir).public_key,
+                    ),
+                    timeout=self.link.rpc_timeout_s,
                 ),
             )
         except grpc.RpcError as error:
@@ -315,6 +324,14 @@ class ClientRuntime:
         """One round: send the update saved for it if there is one, else train, save, send."""
         deadline = time.monotonic() + (header.deadline_in_s or header.deadline_unix - time.time())
         saved = self._pending.load()
+        if saved is not None and self._pending.spent():
+            log.info(
+                "round %d: the saved update's masked input went out in a session the round did not "
+                "accept; training afresh (a second sum of the same update would reveal it)",
+                saved.round_id,
+            )
+            saved = None
+            self._pending.clear()
         if saved is not None and saved.answers(header.run_id, header.round_id):
             log.info(
                 "round %d: sending the update trained before a restart (not training again)", saved.round_id
@@ -349,15 +366,26 @@ class ClientRuntime:
         header = upload.header
         try:
             tensors = decode_tensor_set(upload.payload)
-            summed = secure_upload(
-                params, tensors, header.num_examples, dict(header.metrics), dict(header.privacy), channel
+            outcome = secure_upload(
+                params,
+                tensors,
+                header.num_examples,
+                dict(header.metrics),
+                dict(header.privacy),
+                channel,
+                device_identity(self.state_dir),
+                PeerPins(self.state_dir),
+                self.threshold_floor,
+                before_masked_input=self._pending.mark_spent,
             )
         except ClientError as error:
             log.warning("round %d: %s; keeping the update for a later try", upload.round_id, error)
             return
-        if summed:
+        if outcome is Outcome.SUMMED:
             log.info("round %d: update securely summed", upload.round_id)
             self._pending.clear()
+        elif outcome is Outcome.SPENT:
+            log.info("round %d: update %s", upload.round_id, outcome.value)
 
     def _train(self, header: pb.TaskHeader, payload: bytes, deadline: float) -> tuple[PendingUpload, float]:
         """Runs the method's round while heartbeating; returns the encoded update and the round's

@@ -8,9 +8,17 @@ the noise bounds what the sum reveals. The four steps go through a `SecureChanne
 `SecAggStep` for a device, direct calls in the in-process harness): send the step's message, ask
 again while the step is open, and read the server's message that opens the next step.
 
+Before revealing anything the client runs the core's checks (`fedprompt.common.secagg.client`):
+its own threshold floor, peers' keys signed by identity keys pinned to their names (`PeerPins`),
+and a survivor list that fits its view and that enough survivors signed alike.
+
 A session the server aborts (too many dropouts, this client too late) or that breaks the protocol
-(e.g. an unmask request that would expose one client) ends without error: the caller keeps the
-update and sends it again in the round's next attempt, which comes with fresh keys.
+ends without error. If it ended before this client's masked input went out, the caller keeps the
+update and sends it again in the round's next attempt, which comes with fresh keys. Once the
+masked input went out, a sum including it may have been recovered, and a second sum of the same
+update without it (or with it and others) would reveal it: that update is spent (`Outcome.SPENT`)
+and a new attempt needs a fresh one from fresh training. Only `done`, sent once the round has
+accepted the sum, makes it `SUMMED`.
 """
 
 from __future__ import annotations
@@ -18,11 +26,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from enum import Enum
 from typing import Protocol
 
 import grpc
 import numpy as np
 
+from edge_client.device_identity import PeerPins
 from fedprompt.common.secagg import (
     Quantizer,
     Roster,
@@ -30,8 +40,11 @@ from fedprompt.common.secagg import (
     SecAggConfig,
     SecAggError,
     ShareDelivery,
+    SignedSurvivors,
     UnmaskRequest,
 )
+from fedprompt.common.secagg.identity import DeviceIdentity
+from fedprompt.common.secagg.policy import ThresholdFloor
 from fedprompt.common.secure_round import STEPS, SecureRoundParams, StepReply, SumLayout
 from protos import fedprompt_pb2 as pb
 
@@ -53,6 +66,14 @@ class SecureChannel(Protocol):
     ) -> StepReply: ...
 
 
+class Outcome(Enum):
+    """What became of the update in one session."""
+
+    SUMMED = "in a sum the round accepted"
+    KEEP = "not sent: send it again in the next attempt"
+    SPENT = "its masked input went out but the round did not accept the sum: train afresh"
+
+
 class SessionAborted(Exception):
     """The session ended for this client; the message says why."""
 
@@ -66,6 +87,7 @@ def params_from_message(message: pb.SecureAggregation) -> SecureRoundParams:
         message.modulus_bits,
         message.value_bound,
         message.example_cap,
+        tuple(message.member_names),
     )
 
 
@@ -76,12 +98,23 @@ def secure_upload(
     metrics: Mapping[str, float],
     privacy: Mapping[str, float],
     channel: SecureChannel,
-) -> bool:
-    """Take part in the session; True once this client's input is in the sum's unmasking."""
+    identity: DeviceIdentity,
+    pins: PeerPins,
+    floor: ThresholdFloor | None = None,
+    before_masked_input: Callable[[], None] = lambda: None,
+) -> Outcome:
+    """Take part in the session; `before_masked_input` runs (e.g. marks the saved update spent)
+    right before the masked input leaves the device."""
     tensors = {name: np.asarray(t) for name, t in tensors.items()}
     layout = SumLayout.of(tensors)
     config = SecAggConfig(layout.length, params.threshold, params.modulus_bits, params.degree)
-    client = SecAggClient(params.member_id, config)
+    names = params.member_names
+
+    def trust(member_id: int, identity_key: bytes) -> bool:
+        return member_id < len(names) and pins.trust(names[member_id], identity_key)
+
+    client = SecAggClient(params.member_id, config, params.session_id, identity, trust, floor=floor)
+    masked_sent = False
     try:
         roster = Roster.from_bytes(_step(channel, 0, client.advertise().to_bytes(), layout=layout.tensors))
         delivery = ShareDelivery.from_bytes(_step(channel, 1, client.share_keys(roster).to_bytes()))
@@ -96,15 +129,18 @@ def secure_upload(
         quantizer = Quantizer(params.value_bound, len(roster.advertisements), params.modulus_bits)
         rounding = np.random.default_rng()  # fresh OS entropy, never a seed the server knows
         masked = client.mask(delivery, quantizer.encode(vector, rounding))
+        before_masked_input()
+        masked_sent = True
         request = UnmaskRequest.from_bytes(_step(channel, 2, masked.to_bytes(), privacy=dict(privacy)))
-        _step(channel, 3, client.unmask(request).to_bytes())
+        signed = SignedSurvivors.from_bytes(_step(channel, 3, client.sign_survivors(request).to_bytes()))
+        _step(channel, 4, client.unmask(signed).to_bytes())
     except SessionAborted as reason:
         log.warning("secure aggregation session ended without this client: %s", reason)
-        return False
     except SecAggError as error:
-        log.warning("secure aggregation: refusing to go on: %s", error)
-        return False
-    return True
+        log.warning("secure aggregation: refusing this session, never answering it again: %s", error)
+    else:
+        return Outcome.SUMMED
+    return Outcome.SPENT if masked_sent else Outcome.KEEP
 
 
 def _step(channel: SecureChannel, step: int, message: bytes, **extra: object) -> bytes:

@@ -9,8 +9,8 @@ import numpy as np
 
 from fedprompt.common.secagg.client import SecAggClient
 from fedprompt.common.secagg.config import SecAggConfig
-from fedprompt.common.secagg.messages import ShareDelivery, UnmaskRequest
-from fedprompt.common.secagg.randomness import RandomBytes
+from fedprompt.common.secagg.loopback import enrolled_clients
+from fedprompt.common.secagg.messages import ShareDelivery, SignedSurvivors, UnmaskRequest
 from fedprompt.common.secagg.server import SecAggServer
 
 SESSION = b"run-7/round-3"
@@ -22,9 +22,10 @@ def wire(message):
     return type(message).from_bytes(message.to_bytes())
 
 
-def seeded_clients(config: SecAggConfig, ids: Iterable[int], seed: bytes = SEED) -> dict[int, SecAggClient]:
-    master = RandomBytes(seed)
-    return {i: SecAggClient(i, config, RandomBytes(master.take(32))) for i in ids}
+def seeded_clients(
+    config: SecAggConfig, ids: Iterable[int], session: bytes = SESSION, seed: bytes = SEED
+) -> dict[int, SecAggClient]:
+    return enrolled_clients(config, ids, session, seed)
 
 
 def quantised_inputs(config: SecAggConfig, ids: Iterable[int], seed: int = 0) -> dict[int, np.ndarray]:
@@ -42,7 +43,7 @@ def until_masking(
     config: SecAggConfig, ids: Iterable[int], session: bytes = SESSION, seed: bytes = SEED
 ) -> tuple[dict[int, SecAggClient], SecAggServer, dict[int, ShareDelivery]]:
     """Clients and server after key sharing, and each client's delivery of shares."""
-    clients = seeded_clients(config, ids, seed)
+    clients = seeded_clients(config, ids, session, seed)
     server = SecAggServer(config, session)
     for client in clients.values():
         server.add_advertisement(wire(client.advertise()))
@@ -60,3 +61,13 @@ def until_unmasking(
     for i, client in clients.items():
         server.add_masked_input(wire(client.mask(deliveries[i], inputs[i])))
     return clients, server, wire(server.unmask_request())
+
+
+def until_signed(
+    config: SecAggConfig, inputs: dict[int, np.ndarray]
+) -> tuple[dict[int, SecAggClient], SecAggServer, UnmaskRequest, SignedSurvivors]:
+    """As `until_unmasking`, then every client signed the request: the signatures each is sent."""
+    clients, server, request = until_unmasking(config, inputs)
+    for client in clients.values():
+        server.add_survivor_signature(wire(client.sign_survivors(request)))
+    return clients, server, request, wire(server.signed_survivors())

@@ -1,6 +1,7 @@
 """Whole secure-aggregation sessions in one process with real crypto, every message serialised and
 parsed at each hop: the unmasked sum is exact, dropouts up to the threshold are survived and one
-more fails clearly, clients refuse to unmask one peer twice over, tampered shares are rejected, and
+more fails clearly, clients reveal shares once and only after enough survivors signed the same
+request, tampered shares and unsigned keys are rejected, and
 the server refuses malformed protocol steps without losing the round."""
 
 from __future__ import annotations
@@ -16,28 +17,33 @@ from secagg_session import (
     quantised_inputs,
     seeded_clients,
     until_masking,
+    until_signed,
     until_unmasking,
     wire,
 )
 
-from fedprompt.common.secagg.client import SecAggClient
 from fedprompt.common.secagg.config import SecAggConfig
 from fedprompt.common.secagg.errors import (
     ProtocolError,
+    RefusedError,
     ShareDecryptionError,
     TooManyDropoutsError,
     UnmaskRefusedError,
 )
 from fedprompt.common.secagg.graph import neighbourhoods
-from fedprompt.common.secagg.loopback import DropStage, run_loopback
+from fedprompt.common.secagg.identity import advertisement_payload, survivors_payload
+from fedprompt.common.secagg.loopback import DropStage, enrolled_clients, run_loopback
 from fedprompt.common.secagg.messages import (
     KeyAdvertisement,
     MaskedInput,
     Roster,
     ShareDelivery,
+    SignedSurvivors,
+    SurvivorSignature,
     UnmaskRequest,
 )
 from fedprompt.common.secagg.modulus import Modulus
+from fedprompt.common.secagg.policy import ThresholdFloor
 from fedprompt.common.secagg.quantize import Quantizer
 from fedprompt.common.secagg.server import SecAggServer
 from fedprompt.common.secagg.shamir import PRIME
@@ -60,47 +66,49 @@ def test_unmasked_sum_is_the_exact_field_sum_and_the_float_sum_within_the_bound(
     assert error <= quantizer.error_bound(n, stochastic=True)
     shares_per_client = (n - 1) if degree is None else degree
     share_upload_bytes = run.bytes_up[0] - 4 * config.vector_length  # minus the packed masked input
-    assert shares_per_client * 150 < share_upload_bytes < shares_per_client * 190 + 600
+    # + 800: the signed advertisement, the survivor signature and the unmask response's framing
+    assert shares_per_client * 150 < share_upload_bytes < shares_per_client * 190 + 800
 
 
 @pytest.mark.parametrize("stage", list(DropStage))
 def test_survives_n_minus_1_minus_threshold_dropouts_at_any_stage(stage: DropStage) -> None:
-    config = SecAggConfig(vector_length=64, threshold=3)
-    ids = range(7)
+    config = SecAggConfig(vector_length=64, threshold=5)
+    ids = range(9)
     inputs = quantised_inputs(config, ids)
-    dropouts = dict.fromkeys((1, 4, 6), stage)  # 7 - 1 - 3 = 3 dropouts are tolerated
+    dropouts = dict.fromkeys((1, 4, 6), stage)  # 9 - 1 - 5 = 3 dropouts are tolerated
 
     run = run_loopback(config, inputs, SESSION, dropouts, seed=SEED)
 
     # a client that uploaded and then vanished still counts: its input is in the sum
-    expected = tuple(ids) if stage is DropStage.BEFORE_UNMASKING else (0, 2, 3, 5)
+    uploaded = stage in (DropStage.BEFORE_SIGNING, DropStage.BEFORE_UNMASKING)
+    expected = tuple(ids) if uploaded else (0, 2, 3, 5, 7, 8)
     assert run.result.survivors == expected
     np.testing.assert_array_equal(run.result.field_sum, plain_sum(config, inputs, expected))
 
 
 def test_survives_dropouts_mixed_across_stages() -> None:
-    config = SecAggConfig(vector_length=64, threshold=4)
-    inputs = quantised_inputs(config, range(8))
+    config = SecAggConfig(vector_length=64, threshold=5)
+    inputs = quantised_inputs(config, range(9))
     dropouts = {0: DropStage.BEFORE_SHARING, 3: DropStage.BEFORE_UPLOAD, 7: DropStage.BEFORE_UNMASKING}
 
     run = run_loopback(config, inputs, SESSION, dropouts, seed=SEED)
 
-    assert run.result.survivors == (1, 2, 4, 5, 6, 7)
-    np.testing.assert_array_equal(run.result.field_sum, plain_sum(config, inputs, (1, 2, 4, 5, 6, 7)))
+    assert run.result.survivors == (1, 2, 4, 5, 6, 7, 8)
+    np.testing.assert_array_equal(run.result.field_sum, plain_sum(config, inputs, (1, 2, 4, 5, 6, 7, 8)))
 
 
 @pytest.mark.parametrize("stage", list(DropStage))
 def test_one_dropout_too_many_fails_with_a_clear_error(stage: DropStage) -> None:
-    config = SecAggConfig(vector_length=64, threshold=3)
+    config = SecAggConfig(vector_length=64, threshold=4)
     inputs = quantised_inputs(config, range(7))
-    with pytest.raises(TooManyDropoutsError, match="threshold 3"):
-        run_loopback(config, inputs, SESSION, dict.fromkeys((1, 2, 4, 6), stage), seed=SEED)
+    with pytest.raises(TooManyDropoutsError, match="threshold 4"):
+        run_loopback(config, inputs, SESSION, dict.fromkeys((1, 2, 4), stage), seed=SEED)
 
 
 def test_secagg_plus_graph_survives_dropouts_inside_every_neighbourhood() -> None:
-    config = SecAggConfig(vector_length=64, threshold=3, degree=6)
+    config = SecAggConfig(vector_length=64, threshold=4, degree=6)
     inputs = quantised_inputs(config, range(20))
-    dropouts = {2: DropStage.BEFORE_UPLOAD, 9: DropStage.BEFORE_UPLOAD, 15: DropStage.BEFORE_UNMASKING}
+    dropouts = {2: DropStage.BEFORE_UPLOAD, 9: DropStage.BEFORE_UPLOAD, 17: DropStage.BEFORE_UNMASKING}
 
     run = run_loopback(config, inputs, SESSION, dropouts, seed=SEED)
 
@@ -110,7 +118,7 @@ def test_secagg_plus_graph_survives_dropouts_inside_every_neighbourhood() -> Non
 
 
 def test_same_seeds_give_the_same_bytes_and_another_session_other_masks() -> None:
-    config = SecAggConfig(vector_length=32, threshold=2)
+    config = SecAggConfig(vector_length=32, threshold=3)
     inputs = quantised_inputs(config, range(4))
 
     def masked_bytes(session: bytes) -> list[bytes]:
@@ -121,31 +129,40 @@ def test_same_seeds_give_the_same_bytes_and_another_session_other_masks() -> Non
     assert all(a != b for a, b in zip(masked_bytes(SESSION), masked_bytes(b"another round"), strict=True))
 
 
-def test_client_never_reveals_both_secrets_of_one_peer() -> None:
-    config = SecAggConfig(vector_length=16, threshold=2)
+def test_client_reveals_shares_once_and_only_after_threshold_survivors_signed_its_request() -> None:
+    config = SecAggConfig(vector_length=16, threshold=3)
     inputs = quantised_inputs(config, range(4))
-    clients, _, request = until_unmasking(config, inputs)
+    clients, _, request, signed = until_signed(config, inputs)
     assert request == UnmaskRequest((0, 1, 2, 3), ())
 
-    first = clients[0].unmask(request)
+    first = clients[0].unmask(signed)
     assert [owner for owner, _ in first.self_seed_shares] == [1, 2, 3]
     assert first.mask_key_shares == ()
-    assert clients[0].unmask(request) == first  # a repeated request (lost response) is answered alike
+    with pytest.raises(ProtocolError, match="the next step is nothing"):
+        clients[0].unmask(signed)  # one answer per session: a second request gets nothing
+    with pytest.raises(RefusedError, match="refused this session earlier"):
+        clients[0].unmask(signed)
 
-    lying = UnmaskRequest(survivors=(0, 1, 2), dropped=(3,))  # 3's seed share is out, now its key
-    with pytest.raises(UnmaskRefusedError, match=r"other secret of clients \[3\]"):
-        clients[0].unmask(lying)
-    with pytest.raises(UnmaskRefusedError, match="both survived and dropped"):
-        clients[1].unmask(UnmaskRequest(survivors=(0, 1, 2, 3), dropped=(3,)))
-    assert clients[1].unmask(request).self_seed_shares  # a refusal reveals nothing and breaks nothing
+    too_few = SignedSurvivors(signed.signatures[:2])
+    with pytest.raises(UnmaskRefusedError, match="only 2 survivors signed"):
+        clients[1].unmask(wire(too_few))
+    with pytest.raises(RefusedError, match="refused this session earlier"):
+        clients[1].unmask(signed)  # after a refusal the client never answers that session again
+    other_list = clients[3].identity.sign(survivors_payload(SESSION, (0, 1, 2), (3,)))
+    forged = SignedSurvivors((*signed.signatures[:2], SurvivorSignature(3, other_list)))
+    with pytest.raises(ProtocolError, match="client 3's survivor list: the signature does not verify"):
+        clients[2].unmask(wire(forged))
+    assert clients[3].unmask(signed).self_seed_shares
 
 
-def test_client_refuses_to_unmask_a_sum_of_fewer_than_threshold_clients() -> None:
+def test_client_refuses_to_sign_a_request_for_fewer_than_threshold_of_its_neighbours() -> None:
     config = SecAggConfig(vector_length=16, threshold=3)
     inputs = quantised_inputs(config, range(4))
     clients, _, _ = until_unmasking(config, inputs)
-    with pytest.raises(UnmaskRefusedError, match="only 2 survivors"):
-        clients[0].unmask(UnmaskRequest(survivors=(0, 1), dropped=(2, 3)))
+    with pytest.raises(UnmaskRefusedError, match="only 1 of client 0's neighbours survive"):
+        clients[0].sign_survivors(UnmaskRequest(survivors=(0, 1), dropped=(2, 3)))
+    with pytest.raises(UnmaskRefusedError, match="both survived and dropped"):
+        clients[1].sign_survivors(UnmaskRequest(survivors=(0, 1, 2, 3), dropped=(3,)))
 
 
 def _tampered(delivery: ShareDelivery, **changes) -> ShareDelivery:
@@ -154,37 +171,40 @@ def _tampered(delivery: ShareDelivery, **changes) -> ShareDelivery:
 
 
 def test_tampered_or_misdirected_shares_are_rejected() -> None:
-    config = SecAggConfig(vector_length=16, threshold=2)
-    inputs = quantised_inputs(config, range(4))
-    clients, _, deliveries = until_masking(config, range(4))
-    delivery = deliveries[1]
-    ciphertext = bytearray(delivery.shares[0].ciphertext)
+    config = SecAggConfig(vector_length=16, threshold=3)
+    inputs = quantised_inputs(config, range(5))
+    clients, _, deliveries = until_masking(config, range(5))
+    first = deliveries[1].shares[0]
+    ciphertext = bytearray(first.ciphertext)
     ciphertext[5] ^= 0x01
-    nonce = bytes([delivery.shares[0].nonce[0] ^ 0x80]) + delivery.shares[0].nonce[1:]
-    for bad in (_tampered(delivery, ciphertext=bytes(ciphertext)), _tampered(delivery, nonce=nonce)):
-        with pytest.raises(ShareDecryptionError, match="failed authentication"):
-            clients[1].mask(wire(bad), inputs[1])
+    nonce = bytes([first.nonce[0] ^ 0x80]) + first.nonce[1:]
+    with pytest.raises(ShareDecryptionError, match="failed authentication"):
+        clients[1].mask(wire(_tampered(deliveries[1], ciphertext=bytes(ciphertext))), inputs[1])
+    with pytest.raises(RefusedError, match="refused this session earlier"):  # the session is over for it
+        clients[1].mask(deliveries[1], inputs[1])
+    with pytest.raises(ShareDecryptionError, match="failed authentication"):
+        clients[2].mask(wire(_tampered(deliveries[2], nonce=nonce)), inputs[2])
 
-    other = deliveries[2].shares[0]  # client 0's share for client 2, relabelled for client 1
-    assert (other.sender, delivery.shares[0].sender) == (0, 0)
-    relabelled = ShareDelivery(1, (dataclasses.replace(other, recipient=1), *delivery.shares[1:]))
+    other = deliveries[4].shares[0]  # client 0's share for client 4, relabelled for client 3
+    assert (other.sender, deliveries[3].shares[0].sender) == (0, 0)
+    relabelled = ShareDelivery(3, (dataclasses.replace(other, recipient=3), *deliveries[3].shares[1:]))
     with pytest.raises(ShareDecryptionError):
-        clients[1].mask(wire(relabelled), inputs[1])
-    assert clients[1].mask(delivery, inputs[1]).client_id == 1  # the genuine delivery still works
+        clients[3].mask(wire(relabelled), inputs[3])
+    assert clients[0].mask(deliveries[0], inputs[0]).client_id == 0  # a genuine delivery works
 
 
 def test_a_share_replayed_from_another_session_is_rejected() -> None:
-    config = SecAggConfig(vector_length=16, threshold=2)
-    inputs = quantised_inputs(config, range(3))
+    config = SecAggConfig(vector_length=16, threshold=3)
+    inputs = quantised_inputs(config, range(4))
     # same seeds, so the same keys: only the session id differs
-    clients, _, _ = until_masking(config, range(3), session=b"round 1")
-    _, _, old_deliveries = until_masking(config, range(3), session=b"round 0")
+    clients, _, _ = until_masking(config, range(4), session=b"round 1")
+    _, _, old_deliveries = until_masking(config, range(4), session=b"round 0")
     with pytest.raises(ShareDecryptionError):
         clients[0].mask(old_deliveries[0], inputs[0])
 
 
 def test_server_refuses_bad_share_uploads() -> None:
-    config = SecAggConfig(vector_length=16, threshold=2)
+    config = SecAggConfig(vector_length=16, threshold=3)
     clients = seeded_clients(config, range(4))
     server = SecAggServer(config, SESSION)
     for client in clients.values():
@@ -204,18 +224,25 @@ def test_server_refuses_bad_share_uploads() -> None:
 
 
 def test_client_refuses_a_roster_without_its_keys_or_with_an_unusable_key() -> None:
-    config = SecAggConfig(vector_length=16, threshold=2)
-    clients = [SecAggClient(i, config) for i in range(3)]
-    advertisements = [client.advertise() for client in clients]
+    config = SecAggConfig(vector_length=16, threshold=3)
+    clients = seeded_clients(config, range(4))
+    advertisements = [client.advertise() for client in clients.values()]
     with pytest.raises(ProtocolError, match="own public keys"):
         clients[0].share_keys(Roster(SESSION, tuple(advertisements[1:])))
-    zero_key = dataclasses.replace(advertisements[2], share_public_key=bytes(32))  # a low-order point
+    ad = advertisements[3]
+    zero_key = dataclasses.replace(ad, share_public_key=bytes(32))  # a low-order point
+    with pytest.raises(ProtocolError, match="keys of client 3: the signature does not verify"):
+        clients[1].share_keys(Roster(SESSION, (*advertisements[:3], zero_key)))
+    signed_zero = dataclasses.replace(  # a malicious client 3 can sign a bad key of its own
+        zero_key,
+        signature=clients[3].identity.sign(advertisement_payload(SESSION, 3, ad.mask_public_key, bytes(32))),
+    )
     with pytest.raises(ProtocolError, match="unusable"):
-        clients[0].share_keys(Roster(SESSION, (*advertisements[:2], zero_key)))
+        clients[2].share_keys(Roster(SESSION, (*advertisements[:3], signed_zero)))
 
 
 def test_server_refuses_bad_uploads_and_responses_and_the_round_goes_on() -> None:
-    config = SecAggConfig(vector_length=16, threshold=2)
+    config = SecAggConfig(vector_length=16, threshold=3)
     inputs = quantised_inputs(config, range(4))
     clients, server, deliveries = until_masking(config, range(4))
     masked = {i: wire(clients[i].mask(deliveries[i], inputs[i])) for i in range(4)}
@@ -230,19 +257,26 @@ def test_server_refuses_bad_uploads_and_responses_and_the_round_goes_on() -> Non
     with pytest.raises(ProtocolError, match="already"):
         server.add_masked_input(masked[0])
     with pytest.raises(ProtocolError, match="arrived while"):
-        server.add_advertisement(KeyAdvertisement(5, bytes(32), bytes(32)))
+        server.add_advertisement(KeyAdvertisement(5, bytes(32), bytes(32), bytes(32), bytes(64)))
     for i in (1, 2, 3):
         server.add_masked_input(masked[i])
     request = wire(server.unmask_request())
+    signatures = {i: wire(clients[i].sign_survivors(request)) for i in range(4)}
+    with pytest.raises(ProtocolError, match="client 1: the signature does not verify"):
+        server.add_survivor_signature(dataclasses.replace(signatures[0], client_id=1))
+    for signature in signatures.values():
+        server.add_survivor_signature(signature)
+    signed = wire(server.signed_survivors())
 
-    response = clients[0].unmask(request)
-    with pytest.raises(ProtocolError, match="not a survivor"):
+    response = clients[0].unmask(signed)
+    with pytest.raises(ProtocolError, match="not a signer"):
         server.add_unmask_response(wire(dataclasses.replace(response, client_id=8)))
     not_asked = dataclasses.replace(response, mask_key_shares=response.self_seed_shares[:1])
     with pytest.raises(ProtocolError, match="not asked about"):
         server.add_unmask_response(wire(not_asked))
-    for i in range(4):
-        server.add_unmask_response(wire(clients[i].unmask(request)))
+    server.add_unmask_response(wire(response))
+    for i in range(1, 4):
+        server.add_unmask_response(wire(clients[i].unmask(signed)))
     np.testing.assert_array_equal(server.result().field_sum, plain_sum(config, inputs, range(4)))
 
 
@@ -252,8 +286,12 @@ def test_server_leaves_out_clients_whose_neighbourhood_fell_below_the_threshold(
     graph = neighbourhoods(ids, config.degree, SESSION)
     gone = sorted(graph[0])[:5]  # client 0 keeps 3 of its 8 neighbours: too few to recover its secrets
     inputs = quantised_inputs(config, ids)
+    # devices configured below the majority floor (a device setting), so that the exclusion of
+    # client 0 does not cascade through the whole graph
+    clients = enrolled_clients(config, ids, SESSION, SEED, ThresholdFloor(minimum=3, majority=False))
+    dropouts = dict.fromkeys(gone, DropStage.BEFORE_SHARING)
 
-    run = run_loopback(config, inputs, SESSION, dict.fromkeys(gone, DropStage.BEFORE_SHARING), seed=SEED)
+    run = run_loopback(config, inputs, SESSION, dropouts, clients=clients)
 
     survivors = run.result.survivors
     assert 0 not in survivors and not set(gone) & set(survivors)
@@ -272,26 +310,29 @@ def test_client_with_fewer_than_threshold_shares_does_not_upload() -> None:
 
 
 def test_server_detects_garbled_mask_key_shares_instead_of_returning_a_wrong_sum() -> None:
-    config = SecAggConfig(vector_length=16, threshold=2)
-    inputs = quantised_inputs(config, range(4))
-    clients, server, deliveries = until_masking(config, range(4))
-    for i in (0, 1, 2):  # client 3 drops before uploading
+    config = SecAggConfig(vector_length=16, threshold=3)
+    inputs = quantised_inputs(config, range(5))
+    clients, server, deliveries = until_masking(config, range(5))
+    for i in (0, 1, 2, 3):  # client 4 drops before uploading
         server.add_masked_input(wire(clients[i].mask(deliveries[i], inputs[i])))
     request = wire(server.unmask_request())
-    assert request.dropped == (3,)
-    response = clients[0].unmask(request)
+    assert request.dropped == (4,)
+    for i in range(4):
+        server.add_survivor_signature(wire(clients[i].sign_survivors(request)))
+    signed = wire(server.signed_survivors())
+    response = clients[0].unmask(signed)
     (owner, y), *_ = response.mask_key_shares
     garbled = dataclasses.replace(response, mask_key_shares=((owner, (y + 1) % PRIME),))
     server.add_unmask_response(wire(garbled))
-    for i in (1, 2):
-        server.add_unmask_response(wire(clients[i].unmask(request)))
+    for i in (1, 2, 3):
+        server.add_unmask_response(wire(clients[i].unmask(signed)))
     with pytest.raises(ProtocolError, match=r"inconsistent|do not match"):
         server.result()
 
 
 def test_client_masks_only_field_vectors_of_the_configured_length() -> None:
-    config = SecAggConfig(vector_length=16, threshold=2, modulus_bits=16)
-    clients, _, deliveries = until_masking(config, range(3))
+    config = SecAggConfig(vector_length=16, threshold=3, modulus_bits=16)
+    clients, _, deliveries = until_masking(config, range(4))
     for bad, reason in (
         (np.zeros(15, dtype=np.uint64), "16 elements"),
         (np.full(16, 1 << 16, dtype=np.uint64), "outside"),

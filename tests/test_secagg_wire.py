@@ -15,13 +15,13 @@ from fedprompt.common.secagg.messages import KeyAdvertisement, MaskedInput, Unma
 from fedprompt.common.secagg.server import SecAggServer
 from fedprompt.common.secagg.shamir import PRIME
 
-CONFIG = SecAggConfig(vector_length=24, threshold=2, modulus_bits=20)
+CONFIG = SecAggConfig(vector_length=24, threshold=3, modulus_bits=20)
 
 
 def _one_of_each() -> list:
     """Every message kind, as a real session produces it."""
-    inputs = quantised_inputs(CONFIG, range(3))
-    clients = seeded_clients(CONFIG, range(3))
+    inputs = quantised_inputs(CONFIG, range(4))
+    clients = seeded_clients(CONFIG, range(4), b"session")
     server = SecAggServer(CONFIG, b"session")
     advertisements = [client.advertise() for client in clients.values()]
     for advertisement in advertisements:
@@ -31,13 +31,28 @@ def _one_of_each() -> list:
     for upload in uploads:
         server.add_share_upload(upload)
     deliveries = server.deliveries()
-    masked = [clients[i].mask(deliveries[i], inputs[i]) for i in range(3)]
+    masked = [clients[i].mask(deliveries[i], inputs[i]) for i in range(4)]
     for message in masked:
         server.add_masked_input(message)
     request = server.unmask_request()
-    response = clients[0].unmask(request)
+    signatures = [client.sign_survivors(request) for client in clients.values()]
+    for signature in signatures:
+        server.add_survivor_signature(signature)
+    signed = server.signed_survivors()
+    response = clients[0].unmask(signed)
     share = uploads[0].shares[0]
-    return [advertisements[0], roster, share, uploads[0], deliveries[1], masked[0], request, response]
+    return [
+        advertisements[0],
+        roster,
+        share,
+        uploads[0],
+        deliveries[1],
+        masked[0],
+        request,
+        signatures[0],
+        signed,
+        response,
+    ]
 
 
 MESSAGES = _one_of_each()

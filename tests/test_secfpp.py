@@ -55,7 +55,7 @@ def test_secure_clustering_recovers_three_separated_domains() -> None:
     slots, dim, n = 4, 8, 12
     points, truth = blobs(n // 3, dim, seed=3)
     strategy = SERVER_STRATEGIES["secfpp"]({"clusters": slots, "cluster_dim": dim, "split_gain": 0.1})
-    params = SecureRoundParams(b"-", 0, 4, None, 32, 1.0, 0.0)  # uniform weights, as SecFPP asks
+    params = SecureRoundParams(b"-", 0, 7, None, 32, 1.0, 0.0)  # uniform weights, as SecFPP asks
     state: dict[str, np.ndarray] = {}
     history = []
     for round_id in range(1, 6):
@@ -87,7 +87,7 @@ def test_secure_clustering_recovers_three_separated_domains() -> None:
 
 
 def write_toml(path: Path, method: str, extra: str = "") -> Path:
-    rounds = "[rounds]\nmin_fit = 3\nmin_clients = 3\n"
+    rounds = "[rounds]\nmin_fit = 4\nmin_clients = 4\n"
     path.write_text(f'[server]\nstate = "s.sqlite"\n{rounds}[method]\nname = "{method}"\n{extra}')
     return path
 
@@ -121,7 +121,7 @@ def test_secfpp_runs_in_the_harness_with_local_clusters_and_sums_only_at_the_ser
             write_colour_folder(tmp_path / f"d{i}", per_class=5, seed=i),
             state_dir=tmp_path / f"c{i}",
         )
-        for i in range(3)
+        for i in range(4)
     ]
     settings = TrainingSettings(n_ctx=4, batch_size=8, lr=0.01, clusters=2, cluster_dim=4)
     run = run_federated("secfpp", settings, workspaces, FederationRules(rounds=2), tmp_path / "agg.sqlite")
@@ -129,7 +129,7 @@ def test_secfpp_runs_in_the_harness_with_local_clusters_and_sums_only_at_the_ser
     store = SQLiteStore(tmp_path / "agg.sqlite", read_only=True)
     stored = store.rounds()
     for record, reported in zip(stored, run.rounds, strict=True):
-        assert record.metrics["secure_aggregation"]["survivors"] == 3
+        assert record.metrics["secure_aggregation"]["survivors"] == 4
         assert all(c.num_examples == 0 and not c.metrics for c in record.clients)  # the server's view
         assert all("cluster" in c.metrics and c.num_examples > 0 for c in reported.clients)  # the devices'
         assert round_row(reported.clients, dict.fromkeys(run.client_ids, "same"), {})["ari"] is not None

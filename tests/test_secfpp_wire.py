@@ -23,7 +23,7 @@ from edge_client.methods.local_state import METHOD_STATE_DIR, load_tensors
 from fedprompt.common.secagg import MaskedInput
 from protos import fedprompt_pb2 as pb
 
-N_CTX, CLIENTS = 4, 3
+N_CTX, CLIENTS = 4, 4
 SIGNIFICANCE = 1e-3
 CONFIG = f"""
 [server]
@@ -42,7 +42,7 @@ client_timeout_s = 60.0
 name = "secfpp"
 [secure_aggregation]
 enabled = true
-threshold = 2
+threshold = 3
 [training]
 n_ctx = {N_CTX}
 batch_size = 8

@@ -15,7 +15,7 @@ from light_clients import expected_global
 from aggregator.store import SQLiteStore
 from fedprompt.common.secagg import Quantizer
 
-CLIENTS, THRESHOLD, BOUND = 5, 2, 4.0
+CLIENTS, THRESHOLD, BOUND = 7, 4, 4.0
 ROUNDS = {
     "min_clients": CLIENTS,
     "min_fit": CLIENTS,
@@ -68,9 +68,9 @@ def index_of(state: Path) -> dict[str, int]:
 def test_the_sum_is_the_plain_weighted_mean_and_survives_dropouts_between_steps(tmp_path: Path) -> None:
     config, tokens = setup_run(tmp_path, rounds=2)
     server = AggregatorProcess(config)
-    # in round 2, clients 3 and 4 die after sharing their keys, before uploading their masked input:
-    # n - 1 - threshold = 2 dropouts are tolerated
-    clients = start_clients(server.address, tokens, tmp_path / "clients", {3: (2, 1), 4: (2, 1)})
+    # in round 2, clients 5 and 6 die after sharing their keys, before uploading their masked input:
+    # n - 1 - threshold = 2 dropouts are tolerated (threshold 4: a majority of 7)
+    clients = start_clients(server.address, tokens, tmp_path / "clients", {5: (2, 1), 6: (2, 1)})
     try:
         server.wait_for_log(r"round 2/2 committed", timeout=120)
         assert clients[0].wait(30) == 0, clients[0].log
@@ -84,7 +84,7 @@ def test_the_sum_is_the_plain_weighted_mean_and_survives_dropouts_between_steps(
     store = SQLiteStore(state, read_only=True)
     index = index_of(state)
     previous: dict[str, np.ndarray] = {}
-    for record, kept in zip(store.rounds(), ([0, 1, 2, 3, 4], [0, 1, 2]), strict=True):
+    for record, kept in zip(store.rounds(), (list(range(7)), [0, 1, 2, 3, 4]), strict=True):
         assert sorted(index[c] for c in record.metrics["clients"]) == kept
         session = record.metrics["secure_aggregation"]
         assert (session["members"], session["survivors"]) == (CLIENTS, len(kept))
@@ -103,8 +103,8 @@ def test_the_sum_is_the_plain_weighted_mean_and_survives_dropouts_between_steps(
 def test_one_dropout_past_the_threshold_fails_the_attempt_clearly_and_commits_nothing(tmp_path: Path) -> None:
     config, tokens = setup_run(tmp_path, rounds=1)
     server = AggregatorProcess(config)
-    # 3 of 5 die after uploading their masked input: a survivor's seed has 1 share left, threshold 2
-    crash = {index: (1, 2) for index in (2, 3, 4)}
+    # 3 of 7 die after uploading their masked input: a survivor's seed has 3 shares left, threshold 4
+    crash = {index: (1, 2) for index in (4, 5, 6)}
     clients = start_clients(server.address, tokens, tmp_path / "clients", crash)
     try:
         server.wait_for_log(r"secure aggregation attempt 1 failed: unmask: too many dropouts", timeout=120)
@@ -125,10 +125,11 @@ def test_a_daemon_killed_mid_session_runs_the_round_again_with_fresh_keys_withou
     config, tokens = setup_run(tmp_path, rounds=1)
     config.write_text(config.read_text().replace("port = 0", f"port = {free_port()}"))
     servers = [AggregatorProcess(config)]
-    # client 4 dies after sharing its keys, so the masked-input step stays open for client_timeout_s
-    clients = start_clients(servers[0].address, tokens, tmp_path / "clients", {4: (1, 1)})
+    # client 6 dies after advertising its keys, so the share-keys step stays open for client_timeout_s
+    # and no masked input has left a device when the daemon dies
+    clients = start_clients(servers[0].address, tokens, tmp_path / "clients", {6: (1, 0)})
     try:
-        clients[0].wait_for_log(r"secure aggregation: share keys sent", times=4)
+        clients[0].wait_for_log(r"secure aggregation: advertise keys sent", times=6)
         servers[0].kill()
         servers.append(AggregatorProcess(config))
         servers[1].wait_for_log(r"round 1/1 committed", timeout=120)
@@ -138,13 +139,45 @@ def test_a_daemon_killed_mid_session_runs_the_round_again_with_fresh_keys_withou
         for process in (*servers, *clients):
             process.kill()
     assert "resuming open round 1" in servers[1].log
-    assert "secure aggregation attempt 1 with 5 clients" in servers[1].log  # a new session, new keys
-    for index in range(4):
+    assert "secure aggregation attempt 1 with 7 clients" in servers[1].log  # a new session, new keys
+    for index in range(6):
         assert clients[0].count(rf"client-{index} trained round 1") == 1
         assert clients[0].count(rf"client-{index} round 1: sending the update trained before a restart") == 1
     state = tmp_path / "state.sqlite"
     (record,) = SQLiteStore(state, read_only=True).rounds()
-    assert sorted(index_of(state)[c] for c in record.metrics["clients"]) == [0, 1, 2, 3]
+    assert sorted(index_of(state)[c] for c in record.metrics["clients"]) == list(range(6))
     got = SQLiteStore(state, read_only=True).global_tensors(1)["ctx"]
-    want = expected_global({}, range(4), 1, "fp32")
+    want = expected_global({}, range(6), 1, "fp32")
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_an_attempt_that_fails_after_masked_inputs_went_out_is_retried_only_with_fresh_training(
+    tmp_path: Path,
+) -> None:
+    config, tokens = setup_run(tmp_path, rounds=1)
+    server = AggregatorProcess(config)
+    # 4 of 7 die after uploading their masked input: 3 survivors sign, fewer than the threshold 4
+    crash = {index: (1, 2) for index in (3, 4, 5, 6)}
+    clients = start_clients(server.address, tokens, tmp_path / "clients", crash)
+    try:
+        server.wait_for_log(r"attempt 1 failed: survivor signature: only 3 survivors signed", timeout=120)
+        assert [group.wait(20) for group in clients[1:]] == [17] * 4
+        back = LightClients(server.address, tokens, tmp_path / "clients", 3, 4)  # restarted, same state
+        server.wait_for_log(r"round 1/1 committed", timeout=120)
+        assert clients[0].wait(30) == 0 and back.wait(30) == 0
+        assert server.terminate() == 0
+    finally:
+        for process in (server, *clients):
+            process.kill()
+    logs = "\n".join(group.log for group in (*clients, back))
+    state = tmp_path / "state.sqlite"
+    (record,) = SQLiteStore(state, read_only=True).rounds()
+    summed = sorted(index_of(state)[c] for c in record.metrics["clients"])
+    assert {0, 1, 2} <= set(summed) and len(summed) >= 5  # whoever of 3..6 came back in time
+    assert record.metrics["secure_aggregation"]["attempts"] >= 2
+    assert "sending the update trained before a restart" not in logs
+    for index in summed:
+        # the update whose masked input went out is never summed again: each trained afresh
+        mine = "\n".join(line for line in logs.splitlines() if line.startswith(f"client-{index} "))
+        assert mine.count("trained round 1") == 2, mine
+        assert "training afresh (a second sum of the same update would reveal it)" in mine

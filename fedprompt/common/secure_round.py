@@ -24,8 +24,8 @@ import numpy as np
 
 SUMMED_METRICS = ("accuracy", "received_accuracy", "train_accuracy")
 """Accuracies in [0, 1]: the only metrics that travel, and only inside the sum."""
-STEPS = ("advertise keys", "share keys", "masked input", "unmask")
-"""The client's message of step 0..3 (see `fedprompt.common.secagg.loopback` for the order)."""
+STEPS = ("advertise keys", "share keys", "masked input", "survivor signature", "unmask")
+"""The client's message of step 0..4 (see `fedprompt.common.secagg.loopback` for the order)."""
 STATUSES = ("pending", "next", "done", "aborted")
 
 
@@ -44,6 +44,7 @@ class SecureRoundParams:
     modulus_bits: int
     value_bound: float
     example_cap: float
+    member_names: tuple[str, ...] = ()  # the client id of each member id
 
     def weight(self, num_examples: int) -> float:
         """The client's weight in the sum: its capped example share, or 1 (uniform)."""
@@ -132,7 +133,7 @@ class SumLayout:
 @dataclass(frozen=True)
 class StepReply:
     """The server's answer to a step: `pending` (ask again after retry_after_s), `next` (the step
-    closed; `message` opens the next one), `done` (nothing more to send) or `aborted` (this
+    closed; `message` opens the next one), `done` (the round accepted the sum) or `aborted` (this
     session is over for the client: `reason`; it asks for the round's task again)."""
 
     status: str

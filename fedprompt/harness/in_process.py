@@ -30,6 +30,7 @@ from edge_client.methods.base import ClientMethod, RoundTask
 from edge_client.methods.registry import CLIENT_METHODS
 from edge_client.workspace import ClientWorkspace
 from fedprompt.common.codec import decode_tensor_set, encode_tensor_set
+from fedprompt.common.secagg.identity import DeviceIdentity
 from fedprompt.common.settings import TrainingSettings
 from fedprompt.harness.secure_clients import SecureUploads, secure_rules
 from fedprompt.harness.served_model import served_accuracies
@@ -115,15 +116,21 @@ def run_federated(
         coordinator = RoundCoordinator(store, config)
         # Enrolment draws random ids and the sampler picks positions among the sorted ids, so the
         # i-th workspace takes the i-th smallest id: every method then samples the same clients.
-        sessions = sorted(
-            coordinator.enroll(store.issue_token(f"client {i}"), f"client {i}")
-            for i in range(len(workspaces))
-        )
+        identities = [DeviceIdentity.generate() for _ in workspaces]
+        enrolled = [
+            (
+                *coordinator.enroll(store.issue_token(f"client {i}"), f"client {i}", identity.public_key),
+                identity,
+            )
+            for i, identity in enumerate(identities)
+        ]
+        enrolled.sort(key=lambda entry: entry[0])
+        sessions = [(client_id, session) for client_id, session, _ in enrolled]
         client_ids = [client_id for client_id, _ in sessions]
         clients = {cid: CLIENT_METHODS[method](ws) for cid, ws in zip(client_ids, workspaces, strict=True)}
         driver = _Driver(coordinator)
         driver.start()
-        uploads = SecureUploads(coordinator)
+        uploads = SecureUploads(coordinator, {client_id: identity for client_id, _, identity in enrolled})
         try:
             _play_clients(coordinator, sessions, clients, rules.update_encoding, driver, uploads, on_round)
         finally:

@@ -24,8 +24,10 @@ from aggregator.config import SecureAggregationConfig
 from aggregator.rounds import Refused, RoundCoordinator, Task
 from aggregator.store import ClientRoundRecord, RoundRecord
 from aggregator.strategies.registry import SERVER_STRATEGIES
+from edge_client.device_identity import PeerPins
 from edge_client.methods.base import RoundResult
 from edge_client.secure_upload import secure_upload
+from fedprompt.common.secagg.identity import DeviceIdentity
 from fedprompt.common.secure_round import StepReply
 
 
@@ -36,11 +38,11 @@ def secure_rules(method: str, clients: int, fraction: float) -> tuple[SecureAggr
     if not SERVER_STRATEGIES[method].needs_secure_aggregation:
         return SecureAggregationConfig(), 1
     sampled = math.ceil(fraction * clients)
-    if sampled < 3:
+    if sampled < 4:  # devices take a threshold of 3 at least, and a session needs one more client
         raise ValueError(
-            f"{method} is securely aggregated: it needs at least 3 clients per round, not {sampled}"
+            f"{method} is securely aggregated: it needs at least 4 clients per round, not {sampled}"
         )
-    threshold = max(2, sampled // 2 + 1)
+    threshold = max(3, sampled // 2 + 1)
     return SecureAggregationConfig(enabled=True, threshold=threshold), threshold + 1
 
 
@@ -76,8 +78,10 @@ class CoordinatorChannel:
 class SecureUploads:
     """The running secure uploads of the in-process devices, and what each device reported."""
 
-    def __init__(self, coordinator: RoundCoordinator) -> None:
+    def __init__(self, coordinator: RoundCoordinator, identities: Mapping[str, DeviceIdentity]) -> None:
         self.coordinator = coordinator
+        self.identities = identities
+        self._pins = {client: PeerPins(None) for client in identities}
         self._threads: dict[str, threading.Thread] = {}
         self._errors: list[BaseException] = []
         self._reports: dict[int, dict[str, ClientRoundRecord]] = {}
@@ -95,7 +99,14 @@ class SecureUploads:
         def take_part() -> None:
             try:
                 secure_upload(
-                    task.secure, tensors, result.num_examples, result.metrics, result.privacy, channel
+                    task.secure,
+                    tensors,
+                    result.num_examples,
+                    result.metrics,
+                    result.privacy,
+                    channel,
+                    self.identities[client_id],
+                    self._pins[client_id],
                 )
             except BaseException as error:  # re-raised by `check` in the thread that plays the clients
                 self._errors.append(error)

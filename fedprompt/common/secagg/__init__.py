@@ -2,7 +2,8 @@
 
 Transport-independent: both the edge client and the aggregator drive it by exchanging the byte
 messages of `messages`, in the order shown by `loopback.run_loopback`. The server learns the sum of
-the surviving clients' quantised inputs and which clients survived, nothing else.
+the surviving clients' quantised inputs and which clients survived, nothing else, even when it
+deviates from the protocol, unless it controls threshold - 1 clients (see `client` and `policy`).
 """
 
 from fedprompt.common.secagg.client import SecAggClient
@@ -10,6 +11,7 @@ from fedprompt.common.secagg.config import SecAggConfig
 from fedprompt.common.secagg.errors import (
     MessageFormatError,
     ProtocolError,
+    RefusedError,
     SecAggError,
     ShareDecryptionError,
     TooManyDropoutsError,
@@ -22,6 +24,8 @@ from fedprompt.common.secagg.messages import (
     Roster,
     ShareDelivery,
     ShareUpload,
+    SignedSurvivors,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskResponse,
 )
@@ -38,6 +42,7 @@ __all__ = [
     "ProtocolError",
     "Quantizer",
     "RandomBytes",
+    "RefusedError",
     "Roster",
     "SecAggClient",
     "SecAggConfig",
@@ -46,6 +51,8 @@ __all__ = [
     "ShareDecryptionError",
     "ShareDelivery",
     "ShareUpload",
+    "SignedSurvivors",
+    "SurvivorSignature",
     "TooManyDropoutsError",
     "UnmaskRefusedError",
     "UnmaskRequest",

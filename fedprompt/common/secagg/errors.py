@@ -21,9 +21,16 @@ class ShareDecryptionError(SecAggError):
     or addressed to someone else."""
 
 
-class UnmaskRefusedError(SecAggError):
+class RefusedError(SecAggError):
+    """A client refuses the session: a request that breaks one of its own checks (threshold below
+    its floor, a survivor list it cannot accept, a peer whose keys are not authenticated). It
+    reveals nothing more and never answers that session again."""
+
+
+class UnmaskRefusedError(RefusedError):
     """A client refuses an unmasking request that would let the server learn an individual input,
-    e.g. both the self-mask seed share and the mask-key share of the same peer."""
+    e.g. both the self-mask seed share and the mask-key share of the same peer, or a survivor list
+    padded with strangers or not signed alike by enough survivors."""
 
 
 class TooManyDropoutsError(SecAggError):

@@ -1,11 +1,14 @@
 """The protocol's messages: frozen dataclasses of ints and bytes, each with `to_bytes`/`from_bytes`.
 
-Round 0  client -> server  KeyAdvertisement   two X25519 public keys
+Round 0  client -> server  KeyAdvertisement   two X25519 public keys, signed with the device's
+                                              long-term Ed25519 key (`identity`)
          server -> all     Roster             session id + every advertisement
 Round 1  client -> server  ShareUpload        one EncryptedShare per neighbour
          server -> client  ShareDelivery      the EncryptedShares addressed to that client
 Round 2  client -> server  MaskedInput        quantised input + masks, modulo 2**bits
 Round 3  server -> all     UnmaskRequest      who survived (uploaded) and who dropped
+         client -> server  SurvivorSignature  its signature of that request (consistency round)
+Round 4  server -> all     SignedSurvivors    the survivors' signatures of the request
          client -> server  UnmaskResponse     self-seed shares of survivors, mask-key shares of dropped
 """
 
@@ -17,6 +20,7 @@ from typing import ClassVar, Self
 import numpy as np
 
 from fedprompt.common.secagg.errors import MessageFormatError
+from fedprompt.common.secagg.identity import IDENTITY_KEY_BYTES, SIGNATURE_BYTES
 from fedprompt.common.secagg.keys import KEY_BYTES, NONCE_BYTES
 from fedprompt.common.secagg.modulus import MAX_BITS, MIN_BITS, Modulus
 from fedprompt.common.secagg.shamir import SHARE_BYTES, decode_share, encode_share
@@ -75,14 +79,26 @@ class KeyAdvertisement(_Message):
     client_id: int
     mask_public_key: bytes
     share_public_key: bytes
+    identity_key: bytes
+    signature: bytes  # by identity_key, of identity.advertisement_payload
 
     def _write(self, writer: Writer) -> None:
         writer.uint(self.client_id, ID_BYTES).fixed(self.mask_public_key, KEY_BYTES)
-        writer.fixed(self.share_public_key, KEY_BYTES)
+        writer.fixed(self.share_public_key, KEY_BYTES).fixed(self.identity_key, IDENTITY_KEY_BYTES)
+        writer.fixed(self.signature, SIGNATURE_BYTES)
 
     @classmethod
     def _read(cls, reader: Reader) -> Self:
-        return cls(reader.uint(ID_BYTES), reader.fixed(KEY_BYTES), reader.fixed(KEY_BYTES))
+        return cls(
+            reader.uint(ID_BYTES),
+            reader.fixed(KEY_BYTES),
+            reader.fixed(KEY_BYTES),
+            reader.fixed(IDENTITY_KEY_BYTES),
+            reader.fixed(SIGNATURE_BYTES),
+        )
+
+
+_ADVERTISEMENT_BYTES = ID_BYTES + 2 * KEY_BYTES + IDENTITY_KEY_BYTES + SIGNATURE_BYTES
 
 
 @dataclass(frozen=True)
@@ -96,7 +112,7 @@ class Roster(_Message):
 
     @classmethod
     def _read(cls, reader: Reader) -> Self:
-        return cls(reader.blob(), reader.items(KeyAdvertisement._read, ID_BYTES + 2 * KEY_BYTES))
+        return cls(reader.blob(), reader.items(KeyAdvertisement._read, _ADVERTISEMENT_BYTES))
 
 
 @dataclass(frozen=True)
@@ -192,6 +208,37 @@ class UnmaskRequest(_Message):
     @classmethod
     def _read(cls, reader: Reader) -> Self:
         return cls(_read_ids(reader), _read_ids(reader))
+
+
+@dataclass(frozen=True)
+class SurvivorSignature(_Message):
+    """A survivor's signature of the unmask request it was sent (`identity.survivors_payload`)."""
+
+    KIND: ClassVar[int] = 9
+    client_id: int
+    signature: bytes
+
+    def _write(self, writer: Writer) -> None:
+        writer.uint(self.client_id, ID_BYTES).fixed(self.signature, SIGNATURE_BYTES)
+
+    @classmethod
+    def _read(cls, reader: Reader) -> Self:
+        return cls(reader.uint(ID_BYTES), reader.fixed(SIGNATURE_BYTES))
+
+
+@dataclass(frozen=True)
+class SignedSurvivors(_Message):
+    """Every survivor signature the server collected; each client checks them before unmasking."""
+
+    KIND: ClassVar[int] = 10
+    signatures: tuple[SurvivorSignature, ...]
+
+    def _write(self, writer: Writer) -> None:
+        writer.items(self.signatures, lambda w, s: s._write(w))
+
+    @classmethod
+    def _read(cls, reader: Reader) -> Self:
+        return cls(reader.items(SurvivorSignature._read, ID_BYTES + SIGNATURE_BYTES))
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """The server half of secure aggregation: one `SecAggServer` per session (round).
 
 Feed it each round's messages as they arrive (`add_*`), close a round with the method that builds
-the next round's messages (`roster`, `deliveries`, `unmask_request`), and finally call `result`.
+the next round's messages (`roster`, `deliveries`, `unmask_request`, `signed_survivors`), and
+finally call `result`.
 Every incoming message is checked; a bad one raises ProtocolError and changes nothing, so a
 transport can refuse that message and go on with the round.
 """
@@ -17,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from fedprompt.common.secagg.config import MAX_CLIENT_ID, SecAggConfig
 from fedprompt.common.secagg.errors import ProtocolError, TooManyDropoutsError
 from fedprompt.common.secagg.graph import neighbourhoods
+from fedprompt.common.secagg.identity import advertisement_payload, survivors_payload, verify
 from fedprompt.common.secagg.keys import pairwise_mask_seed, public_bytes
 from fedprompt.common.secagg.messages import (
     EncryptedShare,
@@ -25,6 +27,8 @@ from fedprompt.common.secagg.messages import (
     Roster,
     ShareDelivery,
     ShareUpload,
+    SignedSurvivors,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskResponse,
 )
@@ -38,6 +42,7 @@ class _Stage(Enum):
     ADVERTISE = "collecting key advertisements"
     SHARE = "collecting share uploads"
     MASK = "collecting masked inputs"
+    SIGN = "collecting survivor signatures"
     UNMASK = "collecting unmask responses"
     DONE = "finished"
 
@@ -67,6 +72,7 @@ class SecAggServer:
         self._masked: dict[int, np.ndarray] = {}
         self._survivors: tuple[int, ...] = ()
         self._dropped: tuple[int, ...] = ()
+        self._signatures: dict[int, SurvivorSignature] = {}
         self._responders: set[int] = set()
         self._seed_points: dict[int, dict[int, int]] = {}  # survivor -> {x: share of its self-mask seed}
         self._key_points: dict[int, dict[int, int]] = {}  # dropped -> {x: share of its mask key}
@@ -84,6 +90,12 @@ class SecAggServer:
         self._expect(_Stage.ADVERTISE, message.client_id)
         if message.client_id > MAX_CLIENT_ID or message.client_id in self._advertisements:
             raise ProtocolError(f"client id {message.client_id} is out of range or already advertised")
+        if any(a.identity_key == message.identity_key for a in self._advertisements.values()):
+            raise ProtocolError(f"client {message.client_id} advertised another client's identity key")
+        payload = advertisement_payload(
+            self.session_id, message.client_id, message.mask_public_key, message.share_public_key
+        )
+        verify(message.identity_key, payload, message.signature, f"the keys of client {message.client_id}")
         self._advertisements[message.client_id] = message
 
     def roster(self) -> Roster:
@@ -165,16 +177,39 @@ class SecAggServer:
         self._dropped = tuple(sorted(self._sharers - self._masked.keys()))
         self._seed_points = {i: {} for i in self._survivors}
         self._key_points = {i: {} for i in self._dropped}
-        self._stage = _Stage.UNMASK
+        self._stage = _Stage.SIGN
         return UnmaskRequest(self._survivors, self._dropped)
 
-    # Round 3
+    # Round 3 (consistency)
+
+    def add_survivor_signature(self, message: SurvivorSignature) -> None:
+        sender = message.client_id
+        self._expect(_Stage.SIGN, sender)
+        if sender not in self._masked or sender in self._signatures:
+            raise ProtocolError(f"survivor signature from client {sender}: not a survivor, or signed already")
+        payload = survivors_payload(self.session_id, self._survivors, self._dropped)
+        verify(self._advertisements[sender].identity_key, payload, message.signature, f"client {sender}")
+        self._signatures[sender] = message
+
+    def signed_survivors(self) -> SignedSurvivors:
+        """Close round 3: the signatures go to every signer, who unmasks only if `threshold`
+        survivors signed the request it signed."""
+        self._expect(_Stage.SIGN)
+        if len(self._signatures) < self.config.threshold:
+            raise TooManyDropoutsError(
+                f"only {len(self._signatures)} survivors signed the survivor list; clients unmask only "
+                f"when at least the threshold {self.config.threshold} did"
+            )
+        self._stage = _Stage.UNMASK
+        return SignedSurvivors(tuple(self._signatures[i] for i in sorted(self._signatures)))
+
+    # Round 4
 
     def add_unmask_response(self, message: UnmaskResponse) -> None:
         sender = message.client_id
         self._expect(_Stage.UNMASK, sender)
-        if sender not in self._masked or sender in self._responders:
-            raise ProtocolError(f"unmask response from client {sender}: not a survivor, or answered already")
+        if sender not in self._signatures or sender in self._responders:
+            raise ProtocolError(f"unmask response from client {sender}: not a signer, or answered already")
         for shares, wanted, kind in (
             (message.self_seed_shares, self._seed_points, "self-mask seed"),
             (message.mask_key_shares, self._key_points, "mask key"),
@@ -190,7 +225,7 @@ class SecAggServer:
             self._key_points[owner][x] = y
 
     def result(self) -> AggregateResult:
-        """Close round 3: remove the survivors' self masks and the dropped clients' pairwise masks."""
+        """Close round 4: remove the survivors' self masks and the dropped clients' pairwise masks."""
         self._expect(_Stage.UNMASK)
         threshold = self.config.threshold
         secrets = ((self._seed_points, "self-mask seed"), (self._key_points, "mask key"))
