@@ -85,6 +85,9 @@ class PreparedUpdate(ClientMethod):
         tensors = prepared_update(self.index, task.round_id, task.tensors, self.shape)
         return RoundResult(tensors, examples(self.index), {"accuracy": 0.5})
 
+    def head(self, task: RoundTask):
+        raise NotImplementedError("a light client has no image tower, hence no classifier head")
+
 
 class CrashAfterStep:
     """The real stub, except that the process dies right after SecAggStep took the message of
