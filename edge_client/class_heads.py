@@ -11,10 +11,20 @@ is a plain `nn.Module` and exports to ONNX as it is.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import numpy as np
 import torch
 from torch import nn
 
-from edge_client.training import Objective, Params
+from edge_client.datasets import ImageSet
+from edge_client.preprocess import ImagePreprocessor
+from edge_client.training import Objective, Params, normalise
+
+if TYPE_CHECKING:
+    from edge_client.bundle import Bundle
+
+ENCODER_BATCH = 64
 
 
 class ObjectiveHead(nn.Module):
@@ -37,3 +47,17 @@ def head_accuracy(head: nn.Module, images: torch.Tensor, labels: torch.Tensor) -
     if len(labels) == 0:
         return float("nan")
     return float((head(images).argmax(dim=1) == labels).float().mean())
+
+
+@torch.no_grad()
+def encoded_features(encoder: nn.Module, images: ImageSet, bundle: Bundle) -> torch.Tensor:
+    """Normalised features [N, D] of images by a method's own image side (`ClientMethod.
+    image_encoder`), from the bundle's preprocessing."""
+    preprocess = ImagePreprocessor(bundle.preprocess)
+    chunks = [torch.zeros(0, bundle.embed_dim)]
+    for start in range(0, len(images), ENCODER_BATCH):
+        indices = range(start, min(start + ENCODER_BATCH, len(images)))
+        chunks.append(
+            normalise(encoder(torch.from_numpy(np.stack([preprocess(images.rgb(i)) for i in indices]))))
+        )
+    return torch.cat(chunks)

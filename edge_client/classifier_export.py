@@ -44,25 +44,46 @@ def privacy_spent(classifier: DeviceClassifier) -> dict[str, Any]:
     return {"dp": settings["dp"], **accountant.report(float(settings["delta"]))}
 
 
-def export_head(classifier: DeviceClassifier, path: Path) -> float:
-    """Write the head as ONNX (dynamic batch); returns the largest logit difference to torch."""
-    features = torch.randn(8, classifier.bundle.embed_dim, generator=torch.Generator().manual_seed(0))
-    features = features / features.norm(dim=1, keepdim=True)
+def export_checked(
+    module: torch.nn.Module, example: torch.Tensor, names: tuple[str, str], path: Path
+) -> float:
+    """Write `module` (one input, one output, dynamic batch) as ONNX; returns the largest
+    difference of its output to torch's on `example`."""
+    source, target = names
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused MHA kernel has no ONNX symbolic
     torch.onnx.export(
-        classifier.head,
-        (features,),
+        module,
+        (example,),
         str(path),
-        input_names=["features"],
-        output_names=["logits"],
-        dynamic_axes={"features": {0: "batch"}, "logits": {0: "batch"}},
+        input_names=[source],
+        output_names=[target],
+        dynamic_axes={source: {0: "batch"}, target: {0: "batch"}},
         opset_version=HEAD_OPSET,
         dynamo=False,
     )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (exported,) = session.run(["logits"], {"features": features.numpy()})
+    (exported,) = session.run([target], {source: example.numpy()})
     with torch.no_grad():
-        expected = classifier.head(features).numpy()
+        expected = module(example).numpy()
     return float(np.abs(exported - expected).max())
+
+
+def export_head(classifier: DeviceClassifier, path: Path) -> float:
+    """Write the head as ONNX (dynamic batch); returns the largest logit difference to torch."""
+    features = torch.randn(8, classifier.bundle.embed_dim, generator=torch.Generator().manual_seed(0))
+    features = features / features.norm(dim=1, keepdim=True)
+    return export_checked(classifier.head, features, ("features", "logits"), path)
+
+
+def write_encoder(classifier: DeviceClassifier, precision: str, path: Path) -> float:
+    """The image encoder: the bundle's graph, copied (difference 0), or the method's own image
+    side (`ClientMethod.image_encoder`) exported and checked against torch on random images."""
+    if classifier.encoder is None:
+        shutil.copyfile(classifier.bundle.encoder_path("image", precision), path)
+        return 0.0
+    size = classifier.bundle.manifest["image_size"]
+    images = torch.randn(4, 3, *size, generator=torch.Generator().manual_seed(1))
+    return export_checked(classifier.encoder, images, ("images", "image_features"), path)
 
 
 def export_classifier(
@@ -71,14 +92,18 @@ def export_classifier(
     """Write the classifier folder `out` (created; must not hold a classifier yet); returns its manifest."""
     bundle, run = classifier.bundle, classifier.run
     precision = precision or bundle.manifest["default_precision"]
-    encoder = bundle.encoder_path("image", precision)
+    bundle.encoder_path("image", precision)  # the bundle's own clear error if it lacks this precision
     out.mkdir(parents=True, exist_ok=True)
     if (out / CLASSIFIER_MANIFEST).exists():
         raise click.ClickException(f"{out} already holds a classifier; choose another folder")
     error = export_head(classifier, out / HEAD_FILE)
     if error > HEAD_TOLERANCE:
         raise click.ClickException(f"the exported head differs from torch by {error:.2e} > {HEAD_TOLERANCE}")
-    shutil.copyfile(encoder, out / ENCODER_FILE)
+    encoder_error = write_encoder(classifier, precision, out / ENCODER_FILE)
+    if encoder_error > HEAD_TOLERANCE:
+        raise click.ClickException(
+            f"the exported image encoder differs from torch by {encoder_error:.2e} > {HEAD_TOLERANCE}"
+        )
     manifest = {
         "format": 1,
         "run_id": run.run_id,
@@ -90,6 +115,8 @@ def export_classifier(
         "preprocess": bundle.preprocess,
         "privacy": privacy_spent(classifier),
         "head_max_abs_error": error,
+        "encoder": "bundle" if classifier.encoder is None else f"{run.method} image side",
+        "encoder_max_abs_error": encoder_error,
         "files": {
             name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in (ENCODER_FILE, HEAD_FILE)
         },

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from edge_client.bundle import Bundle, BundleError
+from edge_client.class_heads import encoded_features
 from edge_client.datasets import DatasetError, ImageSet
 from edge_client.device_run import DeviceRun, DeviceRunError, load_device_run
 from edge_client.exported_classifier import (
@@ -42,6 +43,7 @@ class DeviceClassifier:
     run: DeviceRun
     head: nn.Module
     state_dir: Path
+    encoder: nn.Module | None = None  # the method's own image side, else the bundle's encoder
 
     @classmethod
     def load(cls, bundle_dir: str | Path, state_dir: str | Path) -> DeviceClassifier:
@@ -58,11 +60,16 @@ class DeviceClassifier:
         workspace = ClientWorkspace(
             bundle, bundle.text_tower(), run.class_names, empty, empty, Path(state_dir)
         )
-        head = CLIENT_METHODS[run.method](workspace).head(run.next_task()).eval()
-        return cls(bundle, run, head, Path(state_dir))
+        method, task = CLIENT_METHODS[run.method](workspace), run.next_task()
+        encoder = method.image_encoder(task)
+        head = method.head(task).eval()
+        return cls(bundle, run, head, Path(state_dir), None if encoder is None else encoder.eval())
 
     def features(self, images: ImageSet, precision: str | None = None) -> np.ndarray:
-        """Normalised image features [N, D], through the device's feature cache."""
+        """Normalised image features [N, D]: through the device's feature cache, or the method's
+        own image side (computed in torch here, exported with the classifier)."""
+        if self.encoder is not None:
+            return encoded_features(self.encoder, images, self.bundle).numpy()
         raw, _ = image_features(images, self.bundle, self.state_dir / FEATURES_DIR, precision, progress=False)
         return raw / np.linalg.norm(raw, axis=1, keepdims=True)
 

@@ -74,7 +74,8 @@ def test_promptformer_matches_torch_modules() -> None:
     reference.load(params)
     text, patches = normalise(torch.randn(10, 24)), torch.randn(3, 16, 32)
     pooling = torch.from_numpy(pooling_matrix(16, 4))
-    got = promptformer.prompts(params, promptformer.context(params, text), patches, shape.heads, pooling)
+    keys_values = promptformer.context(params, text, 32)
+    got = promptformer.prompts(params, keys_values, patches, shape.heads, pooling, 32)
     with torch.no_grad():
         torch.testing.assert_close(got, reference(text, patches), rtol=1e-5, atol=1e-5)
 
@@ -144,3 +145,26 @@ def test_generic_dp_path_gives_one_at_a_time_gradients(tiny_bundle: Path) -> Non
     trained, stats = train_dp_sgd(objective, params, inputs, labels, settings, 0.7, 2, chunk_size=2)
     assert stats.steps == 2 and set(trained) == set(params)
     assert np.isfinite(sum(float(t.sum()) for t in trained.values()))
+
+
+def test_image_side_exports_to_onnx_and_classifies_as_training(tiny_bundle: Path, tmp_path: Path) -> None:
+    """The classifier FedMVP serves is the training objective's (head of the image side), and its
+    image side runs in onnxruntime with the same features as torch."""
+    import onnxruntime as ort
+
+    from edge_client.classifier_export import HEAD_TOLERANCE, export_checked
+    from edge_client.methods.fedmvp_objective import FedMVPHead, FedMVPImageEncoder
+
+    objective, shape = _objective(Bundle.open(tiny_bundle))
+    params = {name: t + 0.02 * torch.randn_like(t) for name, t in _params(shape).items()}
+    images = torch.randn(5, 3, *objective.tower.spec.image_size, generator=torch.Generator().manual_seed(4))
+    encoder, head = FedMVPImageEncoder(objective, params).eval(), FedMVPHead(objective)
+    with torch.no_grad():
+        expected = objective.classify(objective.shared(params), params, (objective.tower.embed(images),))
+        torch.testing.assert_close(head(encoder(images)), expected)
+    error = export_checked(encoder, images[:2], ("images", "image_features"), tmp_path / "encoder.onnx")
+    assert error < HEAD_TOLERANCE
+    session = ort.InferenceSession(str(tmp_path / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    (features,) = session.run(["image_features"], {"images": images.numpy()})  # another batch size
+    with torch.no_grad():
+        np.testing.assert_allclose(features, encoder(images).numpy(), atol=1e-4)

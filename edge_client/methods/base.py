@@ -47,3 +47,10 @@ class ClientMethod(ABC):
         the task's tensors and what the method keeps on the device to a head mapping normalised
         image features [B, D] to class logits [B, K] (`edge_client.class_heads`). After a run it
         is applied to the served model: what the harness scores and `fedprompt predict` uses."""
+
+    def image_encoder(self, task: RoundTask) -> nn.Module | None:
+        """The method's own image side at the start of `task`'s round (images [N, 3, H, W] ->
+        image features [N, D]) where its classifier needs one (visual prompts), else None: the
+        bundle's image encoder. `fedprompt predict`, `export-classifier` and the harness feed the
+        head with it."""
+        return None

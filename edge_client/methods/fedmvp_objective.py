@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from edge_client import promptformer
 from edge_client.image_tower import FrozenImageTower
@@ -62,13 +63,14 @@ class FedMVPObjective(Objective):
         self.pooling = torch.from_numpy(pooling_matrix(tower.spec.tokens, prompt_tokens))
 
     def shared(self, params: Params) -> promptformer.Context:
-        return promptformer.context(params, self.text_features)
+        return promptformer.context(params, self.text_features, self.tower.spec.width)
 
     def prompted_features(
         self, shared: promptformer.Context, params: Params, embedded: torch.Tensor
     ) -> torch.Tensor:
         """Normalised image features [B, D] of the prompted frozen tower."""
-        tokens = promptformer.prompts(params, shared, embedded[:, 1:], self.heads, self.pooling)
+        width = self.tower.spec.width
+        tokens = promptformer.prompts(params, shared, embedded[:, 1:], self.heads, self.pooling, width)
         features, _ = self.tower.encode(embedded, tokens)
         return normalise(features)
 
@@ -85,3 +87,31 @@ class FedMVPObjective(Objective):
         logits = self.logits_of(features)
         consistency = 1.0 - F.cosine_similarity(features, inputs[1], dim=-1, eps=1e-7)
         return F.cross_entropy(logits, labels, reduction="none") + self.alpha * consistency, logits
+
+
+class FedMVPImageEncoder(nn.Module):
+    """The device's image side after training: images [N, 3, H, W] -> normalised prompted image
+    features [N, D] (tower embedding, PromptFormer at fixed tensors, prompted tower). It replaces
+    the bundle's image encoder in FedMVP's classifier and exports to ONNX as one graph."""
+
+    def __init__(self, objective: FedMVPObjective, params: Params) -> None:
+        super().__init__()
+        self.objective = objective
+        self.params = {name: tensor.detach() for name, tensor in params.items()}
+        with torch.no_grad():
+            self.shared = objective.shared(self.params)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        embedded = self.objective.tower.embed(images)
+        return self.objective.prompted_features(self.shared, self.params, embedded)
+
+
+class FedMVPHead(nn.Module):
+    """Image features [N, D] -> class logits [N, K] against the class attribute features."""
+
+    def __init__(self, objective: FedMVPObjective) -> None:
+        super().__init__()
+        self.objective = objective
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.objective.logits_of(normalise(features))

@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 
 from aggregator.rounds import RoundCoordinator
-from edge_client.class_heads import head_accuracy
+from edge_client.class_heads import encoded_features, head_accuracy
 from edge_client.device_run import save_served, save_task
 from edge_client.methods.base import RoundTask
 from edge_client.methods.registry import CLIENT_METHODS
@@ -34,6 +34,10 @@ def served_accuracies(
         task = RoundTask(coordinator.run_id, round_id + 1, method, settings, served, 0.0)
         save_task(workspace.state_dir, task)
         save_served(workspace.state_dir, coordinator.run_id, round_id, served)
-        head = CLIENT_METHODS[method](workspace).head(task)
-        accuracies.append(head_accuracy(head, *workspace.evaluation.tensors()))
+        half = CLIENT_METHODS[method](workspace)
+        head, encoder = half.head(task), half.image_encoder(task)
+        features, labels = workspace.evaluation.tensors()
+        if encoder is not None:  # a method with its own image side classifies the images themselves
+            features = encoded_features(encoder.eval(), workspace.evaluation.images, workspace.bundle)
+        accuracies.append(head_accuracy(head, features, labels))
     return accuracies
