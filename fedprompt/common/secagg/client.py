@@ -6,7 +6,7 @@ Call in order: `advertise()`, `share_keys(roster)`, `mask(delivery, values)`,
 the noise bounds what the sum reveals.
 
 Against an active aggregator the client trusts only itself: it checks the threshold against its
-own floor (`policy.ThresholdFloor`), every peer's keys against that peer's long-term identity key
+own floor (`policy.ThresholdFloor`), its neighbours' keys against their long-term identity keys
 (`trust`), the unmask request against its own view (`policy.check_unmask_request`), and that at
 least `threshold` survivors signed the very request it was sent (the consistency round) before it
 reveals a single share. Any failed check ends the session for this client: it raises, and every
@@ -141,7 +141,7 @@ class SecAggClient:
         return self._own_advertisement()
 
     def _check_roster(self, roster: Roster) -> dict[int, KeyAdvertisement]:
-        """Every peer in the roster, once, with keys signed by its own, trusted, identity key."""
+        """Every peer in the roster once, with one identity key each, and this client's own keys."""
         if roster.session_id != self._session_id:
             raise ProtocolError("the roster is for another session")
         peers = {a.client_id: a for a in roster.advertisements}
@@ -150,12 +150,19 @@ class SecAggClient:
             raise ProtocolError("the roster lists a client or an identity key twice")
         if peers.get(self.client_id) != self._own_advertisement():
             raise ProtocolError(f"the roster does not carry client {self.client_id}'s own public keys")
-        for peer, ad in peers.items():
-            payload = advertisement_payload(self._session_id, peer, ad.mask_public_key, ad.share_public_key)
-            verify(ad.identity_key, payload, ad.signature, f"the keys of client {peer}")
-            if not self._trust(peer, ad.identity_key):
-                raise RefusedError(f"client {peer}'s identity key is not the one this device trusts for it")
         return peers
+
+    def _check_identity(self, peer: int, identity_key: bytes) -> None:
+        if not self._trust(peer, identity_key):
+            raise RefusedError(f"client {peer}'s identity key is not the one this device trusts for it")
+
+    def _check_keys(self, ad: KeyAdvertisement) -> None:
+        """A neighbour's session keys (the ones this client uses) are signed by its trusted identity."""
+        payload = advertisement_payload(
+            self._session_id, ad.client_id, ad.mask_public_key, ad.share_public_key
+        )
+        verify(ad.identity_key, payload, ad.signature, f"the keys of client {ad.client_id}")
+        self._check_identity(ad.client_id, ad.identity_key)
 
     @_ends_session_on_error
     def share_keys(self, roster: Roster) -> ShareUpload:
@@ -164,6 +171,8 @@ class SecAggClient:
         peers = self._check_roster(roster)
         neighbours = neighbourhoods(peers, self.config.degree, roster.session_id)[self.client_id]
         self.floor.check(self.config.threshold, len(neighbours) + 1)
+        for peer in sorted(neighbours):
+            self._check_keys(peers[peer])
         if len(neighbours) < self.config.threshold:
             raise ProtocolError(
                 f"client {self.client_id} has {len(neighbours)} neighbours, fewer than the threshold "
@@ -268,8 +277,9 @@ class SecAggClient:
         signers = [s.client_id for s in signed.signatures]
         if len(set(signers)) != len(signers) or not set(signers) <= survivors:
             raise UnmaskRefusedError("the survivor signatures come from non-survivors or twice from one")
-        for signature in signed.signatures:
+        for signature in signed.signatures[: self.config.threshold]:  # t valid ones suffice
             identity = self._peers[signature.client_id].identity_key
+            self._check_identity(signature.client_id, identity)
             verify(identity, payload, signature.signature, f"client {signature.client_id}'s survivor list")
         if len(signers) < self.config.threshold:
             raise UnmaskRefusedError(
