@@ -26,6 +26,9 @@ def test_bench_reports_every_variant_with_matching_loss_and_gradient(
     full, *_, shared = report["rows"]
     assert full["prompt_length"] == 77 > shared["prompt_length"]
     assert "faster than the official pattern" in result.output
+    fedmvp = report["fedmvp"]  # the tiny bundle takes visual prompts: FedMVP's row too
+    assert len(fedmvp["rows"]) == 2 and fedmvp["max_rel_error"] < 1e-4 and fedmvp["sentences"] >= 7
+    assert "FedMVP step is" in result.output
 
 
 def test_bench_train_is_reachable_from_the_cli_and_bad_input_is_one_line(tmp_path: Path) -> None:
