@@ -70,6 +70,11 @@ class ServerConfig(Section):
     chunk_kb: int = 1024  # payload chunk size on the wire
     max_examples: int = 1_000_000  # largest example count an update may claim (it weighs the mean)
     workers: int = 32  # gRPC handler threads (each polling client holds one only briefly)
+    max_calls: int = 1024  # calls held at once, running or queued; more are RESOURCE_EXHAUSTED
+    max_calls_per_client: int = 4  # open calls of one enrolled client (a poll or upload + a heartbeat)
+    max_stranger_calls: int = 4  # calls without a session in their metadata waiting for their message
+    first_message_timeout_s: float = 10.0  # a call whose first message is later than this is cut
+    idle_timeout_s: float = 30.0  # so is one with a longer gap between messages (chunks) or reads
     task_encoding: str = "fp32"  # how global tensors travel to clients
     update_encoding: str = "fp16"  # how clients must encode updates (fp16: 16 KB for a 16x512 prompt)
 
@@ -81,6 +86,11 @@ class ServerConfig(Section):
         "chunk_kb": Interval(1, 2047 * 1024),
         "max_examples": Interval(1, 2**31 - 1),  # stored as an SQLite integer
         "workers": Interval(2, 4096),
+        "max_calls": Interval(2, 10**6),
+        "max_calls_per_client": Interval(2, 1024),
+        "max_stranger_calls": Interval(1, 4095),
+        "first_message_timeout_s": Interval(0, 3600, open_low=True),
+        "idle_timeout_s": Interval(0, 3600, open_low=True),
     }
 
     def check(self) -> None:
@@ -88,6 +98,10 @@ class ServerConfig(Section):
         _require(
             self.chunk_kb * 1024 + 4096 <= self.max_message_mb * 2**20,
             "server.chunk_kb must leave room under server.max_message_mb",
+        )
+        _require(
+            self.max_stranger_calls < self.workers,
+            "server.max_stranger_calls must be below server.workers (threads must stay for enrolled clients)",
         )
         _require(bool(self.tls_cert) == bool(self.tls_key), "server.tls_cert and server.tls_key go together")
         _require(

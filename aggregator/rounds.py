@@ -47,15 +47,20 @@ from fedprompt.common.secure_round import SecureRoundParams, StepReply
 log = logging.getLogger("fedprompt.aggregator")
 RETRY_CAP_S = 60.0
 """Longest wait before a round whose aggregation or commit failed is played again."""
+REVOCATION_CHECK_S = 1.0
+"""How often an open round looks for revoked tokens among its clients."""
 
 
 class Refused(Exception):
-    """A request the aggregator turns down; becomes a gRPC status with this code and message."""
+    """A request the aggregator turns down; becomes a gRPC status with this code and message.
+    `final`: nothing this client could send would be accepted by the run (told to the client in
+    trailing metadata, so that it stops instead of trying round after round)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, final: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.final = final
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,7 @@ class OpenRound:
     accepted: dict[str, Accepted] = field(default_factory=dict)
     spec: dict[str, tuple[int, ...]] | None = None
     silent: set[str] = field(default_factory=set)  # sampled clients no longer waited for
+    refused: set[str] = field(default_factory=set)  # sampled clients whose update was refused: not waited for
     secure: SecureSession | None = None  # the current secure-aggregation attempt, if any
     attempts: int = 0  # secure-aggregation attempts started (not persisted: a restart starts afresh)
 
@@ -219,7 +225,37 @@ class RoundCoordinator:
         payload: bytes,
         method: str = "",
     ) -> None:
-        """Accept one update, durably, or raise Refused saying why not."""
+        """Accept one update, durably, or raise Refused saying why not. A sampled client whose
+        update is refused as invalid is no longer waited for (its device sits the round out
+        rather than train again); a valid update from it is still taken."""
+        try:
+            self._submit(client_id, run_id, round_id, num_examples, metrics, privacy, payload, method)
+        except Refused as refusal:
+            if refusal.code == grpc.StatusCode.INVALID_ARGUMENT:
+                self._not_waiting_for(client_id, round_id, refusal.message)
+            raise
+
+    def _not_waiting_for(self, client_id: str, round_id: int, reason: str) -> None:
+        with self._cond:
+            current = self._round
+            if current is None or current.round_id != round_id or client_id not in current.sampled:
+                return
+            if client_id not in current.refused and client_id not in current.accepted:
+                current.refused.add(client_id)
+                log.info("round %d: not waiting for %s, whose update was refused", round_id, client_id)
+                self._cond.notify_all()
+
+    def _submit(
+        self,
+        client_id: str,
+        run_id: str,
+        round_id: int,
+        num_examples: int,
+        metrics: dict[str, float],
+        privacy: dict[str, float],
+        payload: bytes,
+        method: str,
+    ) -> None:
         if run_id != self.run_id:
             raise Refused(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -234,6 +270,7 @@ class RoundCoordinator:
             raise Refused(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"update for method {printable(method)!r}, this run uses {self.config.method.name!r}",
+                final=True,
             )
         try:
             check_examples(num_examples, self.config.server.max_examples)
@@ -458,14 +495,18 @@ class RoundCoordinator:
         with self._cond:
             self._round = current
             self._cond.notify_all()
+            revocations_due = 0.0
             while not self._stopping:
+                if time.monotonic() >= revocations_due:  # a revoked client is not waited for
+                    self._drop_revoked(current)
+                    revocations_due = time.monotonic() + REVOCATION_CHECK_S
                 if self.secure is not None:
                     if self._secure_sum_ready(current):
                         break
                     self._cond.wait(timeout=0.2)
                     continue
                 live = self._live()
-                outstanding = current.sampled - set(current.accepted)
+                outstanding = current.sampled - set(current.accepted) - current.refused
                 self._note_silent(current, outstanding - live)
                 waiting_on = outstanding & live
                 expired = time.time() >= current.deadline_unix
@@ -574,11 +615,13 @@ class RoundCoordinator:
         """Removes the updates (and the places) of clients revoked since they were accepted, so that
         revoking a compromised device also keeps its uncommitted update out; True if any was."""
         revoked = self.store.revoked_clients(sorted(current.sampled))
-        for client in sorted(revoked & set(current.accepted)):
-            log.warning(
-                "round %d: dropping the update of %s, whose token was revoked", current.round_id, client
-            )
-            del current.accepted[client]
+        for client in sorted(revoked):
+            if current.accepted.pop(client, None) is not None:
+                log.warning(
+                    "round %d: dropping the update of %s, whose token was revoked", current.round_id, client
+                )
+            else:
+                log.warning("round %d: %s's token was revoked; not waiting for it", current.round_id, client)
         current.sampled -= revoked
         return bool(revoked)
 

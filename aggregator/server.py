@@ -1,12 +1,13 @@
 """The gRPC face of the aggregator and the daemon around it.
 
 Handlers only translate between wire messages and `RoundCoordinator`; every refusal becomes a
-gRPC status with one readable line and a log line, and no input can take the daemon down.
+gRPC status with one readable line and a log line, and no input can take the daemon down. Every
+call first passes `aggregator.door` (places, first-message and idle deadlines), so every RPC is
+registered with a request stream: the handler, not gRPC, waits for the message, under a deadline.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import signal
 import threading
@@ -18,14 +19,14 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from aggregator.config import AggregatorConfig
+from aggregator.door import Call, Door
 from aggregator.rounds import Refused, RoundCoordinator, Task
 from aggregator.store import SQLiteStore
 from aggregator.tls import security_label, server_credentials
 from fedprompt.common.codec import ENCODINGS, CodecError, iter_chunks, join_chunks
-from fedprompt.common.network import is_loopback
+from fedprompt.common.network import REFUSAL_METADATA, is_loopback
 from fedprompt.common.secure_round import SecureRoundParams
 from protos import fedprompt_pb2 as pb
-from protos import fedprompt_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fedprompt.aggregator")
 _TASK_STATUS = {"train": pb.TRAIN, "wait": pb.WAIT, "finished": pb.FINISHED}
@@ -50,12 +51,9 @@ class Malformed:
 
 
 MALFORMED = Malformed()
-_HANDLER_KINDS = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
+_HANDLER_KINDS = {False: grpc.stream_unary_rpc_method_handler, True: grpc.stream_stream_rpc_method_handler}
+"""By whether replies stream. Requests always arrive as a stream (a unary client sends one message):
+the door, not gRPC, waits for them."""
 
 
 def _tolerant(message_class: type[Message]) -> Callable[[bytes], Message | Malformed]:
@@ -71,13 +69,13 @@ def _tolerant(message_class: type[Message]) -> Callable[[bytes], Message | Malfo
     return parse
 
 
-def add_service(service: pb_grpc.AggregatorServicer, server: grpc.Server) -> None:
-    """Register every RPC of fedprompt.v1.Aggregator (read from the .proto's descriptor) with
-    tolerant deserializers."""
+def add_service(service: AggregatorService, server: grpc.Server) -> None:
+    """Register every RPC of fedprompt.v1.Aggregator (read from the .proto's descriptor) behind
+    the door, with tolerant deserializers."""
     descriptor = pb.DESCRIPTOR.services_by_name["Aggregator"]
     handlers = {
-        method.name: _HANDLER_KINDS[method.client_streaming, method.server_streaming](
-            getattr(service, method.name),
+        method.name: _HANDLER_KINDS[method.server_streaming](
+            _through_door(service, method.name, method.client_streaming, method.server_streaming),
             request_deserializer=_tolerant(getattr(pb, method.input_type.name)),
             response_serializer=getattr(pb, method.output_type.name).SerializeToString,
         )
@@ -87,53 +85,69 @@ def add_service(service: pb_grpc.AggregatorServicer, server: grpc.Server) -> Non
 
 
 def _well_formed(request: Any) -> Any:
-    """The request, or for a stream each message, refusing MALFORMED ones."""
+    """The request, refusing MALFORMED (bytes that did not parse)."""
     if request is MALFORMED:
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "malformed request message")
-    if isinstance(request, Message):
-        return request
-    return (_well_formed(message) for message in request)
+    return request
 
 
-def refusals_as_status(handler: Callable) -> Callable:
-    """Turn `Refused` (and malformed request bytes) into its gRPC status plus a log line, and any
-    unexpected error into INTERNAL plus a log line, so that one bad request never crashes the
-    daemon."""
+def _through_door(service: AggregatorService, name: str, streams_in: bool, streams_out: bool) -> Callable:
+    """The handler `name` behind the door. `Refused` (and malformed request bytes) becomes its gRPC
+    status plus a log line, any unexpected error INTERNAL plus a log line, so that one bad request
+    never crashes the daemon."""
+    handler = getattr(service, name)
 
-    @functools.wraps(handler)
-    def wrapped(self: AggregatorService, request: Any, context: grpc.ServicerContext) -> Any:
+    def serve_call(request_stream: Iterator[Any], context: grpc.ServicerContext) -> Any:
         try:
-            return handler(self, _well_formed(request), context)
+            call = service.door.admit(context, name)
+            messages = call.requests(request_stream)
+            if streams_in:
+                request = (_well_formed(message) for message in messages)
+            else:
+                request = _well_formed(next(messages, None))
+                if request is None:
+                    raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "no request message")
+            result = handler(request, call)
+            return call.responses(result) if streams_out else result
         except Refused as refusal:
-            log.warning("%s refused for %s: %s", handler.__name__, context.peer(), refusal.message)
+            log.warning("%s refused for %s: %s", name, context.peer(), refusal.message)
+            if refusal.final:
+                context.set_trailing_metadata(((REFUSAL_METADATA, "final"),))
             context.abort(refusal.code, refusal.message)
         except grpc.RpcError:  # grpc already ended the call: the client left, or a message was too large
             log.warning(
                 "%s for %s cut off: the client went away or sent a message over server.max_message_mb",
-                handler.__name__,
+                name,
                 context.peer(),
             )
             context.abort(grpc.StatusCode.CANCELLED, "request stream ended early")
         except Exception:
-            log.exception("%s failed for %s", handler.__name__, context.peer())
+            log.exception("%s failed for %s", name, context.peer())
             context.abort(grpc.StatusCode.INTERNAL, "internal error in the aggregator; see its log")
 
-    return wrapped
+    return serve_call
 
 
-class AggregatorService(pb_grpc.AggregatorServicer):
-    """Implements fedprompt.v1.Aggregator on top of a RoundCoordinator."""
+class AggregatorService:
+    """Implements fedprompt.v1.Aggregator on top of a RoundCoordinator: each handler takes the
+    request (or the stream of request messages) and the door's `Call`."""
 
     def __init__(self, coordinator: RoundCoordinator) -> None:
         self.coordinator = coordinator
         self.server_config = coordinator.config.server
         self.rules = coordinator.config.rounds
+        self.door = Door(self.server_config, coordinator.store)
 
     def _chunks(self, payload: bytes) -> Iterator[bytes]:
         return iter_chunks(payload, self.server_config.chunk_kb * 1024)
 
-    @refusals_as_status
-    def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollReply:
+    def _client(self, call: Call, session: str) -> str:
+        """The client holding `session` (UNAUTHENTICATED if none), counted against its calls."""
+        client_id = self.coordinator.authenticate(session)
+        call.bind(client_id)
+        return client_id
+
+    def Enroll(self, request: pb.EnrollRequest, call: Call) -> pb.EnrollReply:
         client_id, session = self.coordinator.enroll(request.token, request.client_name, request.device_key)
         return pb.EnrollReply(
             client_id=client_id,
@@ -146,9 +160,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             client_timeout_s=self.rules.client_timeout_s,
         )
 
-    @refusals_as_status
-    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
-        client_id = self.coordinator.authenticate(request.session)
+    def Heartbeat(self, request: pb.HeartbeatRequest, call: Call) -> pb.HeartbeatReply:
+        client_id = self._client(call, request.session)
         round_open, deadline_in_s = self.coordinator.heartbeat(client_id, request.round_id)
         return pb.HeartbeatReply(
             heartbeat_interval_s=self.rules.heartbeat_interval_s,
@@ -156,9 +169,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             deadline_in_s=deadline_in_s,
         )
 
-    @refusals_as_status
-    def PullTask(self, request: pb.PullTaskRequest, context: grpc.ServicerContext) -> Iterator[pb.TaskChunk]:
-        client_id = self.coordinator.authenticate(request.session)
+    def PullTask(self, request: pb.PullTaskRequest, call: Call) -> Iterator[pb.TaskChunk]:
+        client_id = self._client(call, request.session)
         task: Task = self.coordinator.next_task(client_id)
         header = pb.TaskHeader(
             status=_TASK_STATUS[task.status],
@@ -182,15 +194,12 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             [pb.TaskChunk(header=header), *(pb.TaskChunk(data=c) for c in self._chunks(task.payload))]
         )
 
-    @refusals_as_status
-    def PushUpdate(
-        self, chunks: Iterator[pb.UpdateChunk], context: grpc.ServicerContext
-    ) -> pb.PushUpdateReply:
+    def PushUpdate(self, chunks: Iterator[pb.UpdateChunk], call: Call) -> pb.PushUpdateReply:
         first = next(chunks, None)
         if first is None or not first.HasField("header"):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "an update must start with its header")
         header = first.header
-        client_id = self.coordinator.authenticate(header.session)
+        client_id = self._client(call, header.session)
         try:
             payload = join_chunks(
                 (self._data_of(chunk) for chunk in chunks),
@@ -211,9 +220,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         )
         return pb.PushUpdateReply(accepted=True, message=f"update for round {header.round_id} accepted")
 
-    @refusals_as_status
-    def SecAggStep(self, request: pb.SecAggRequest, context: grpc.ServicerContext) -> pb.SecAggReply:
-        client_id = self.coordinator.authenticate(request.session)
+    def SecAggStep(self, request: pb.SecAggRequest, call: Call) -> pb.SecAggReply:
+        client_id = self._client(call, request.session)
         reply = self.coordinator.secure_step(
             client_id,
             request.run_id,
@@ -240,11 +248,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             )
         return chunk.data
 
-    @refusals_as_status
-    def FetchGlobal(
-        self, request: pb.FetchGlobalRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.ModelChunk]:
-        client_id = self.coordinator.authenticate(request.session)
+    def FetchGlobal(self, request: pb.FetchGlobalRequest, call: Call) -> Iterator[pb.ModelChunk]:
+        client_id = self._client(call, request.session)
         round_id, payload = self.coordinator.served_model(client_id)
         header = pb.ModelHeader(
             run_id=self.coordinator.run_id,
@@ -277,8 +282,10 @@ def start_server(coordinator: RoundCoordinator) -> tuple[grpc.Server, int]:
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="grpc"),
         options=grpc_message_options(config.max_message_bytes),
+        maximum_concurrent_rpcs=config.max_calls,
     )
-    add_service(AggregatorService(coordinator), server)
+    service = AggregatorService(coordinator)
+    add_service(service, server)
     address = f"{config.host}:{config.port}"
     try:
         if credentials is None:

@@ -171,6 +171,10 @@ class Store(ABC):
         """The client holding this session, or None (unknown, replaced or revoked)."""
 
     @abstractmethod
+    def client_for_token(self, token: str) -> str | None:
+        """The client this token enrols (or enrolled) as, or None (unknown or revoked)."""
+
+    @abstractmethod
     def revoked_clients(self, client_ids: list[str]) -> set[str]:
         """Those of `client_ids` whose token has been revoked."""
 
@@ -486,6 +490,14 @@ class SQLiteStore(Store):
     def client_for_session(self, session: str) -> str | None:
         rows = self._query("SELECT client_id FROM clients WHERE session_hash = ?", (_hash(session),))
         return rows[0][0] if rows else None
+
+    def client_for_token(self, token: str) -> str | None:
+        rows = self._query(
+            "SELECT t.token_id, c.client_id FROM tokens t LEFT JOIN clients c ON c.token_id = t.token_id "
+            "WHERE t.token_hash = ? AND t.revoked_at IS NULL",
+            (_hash(token),),
+        )
+        return (rows[0][1] or f"c-{rows[0][0]}") if rows else None
 
     def revoked_clients(self, client_ids: list[str]) -> set[str]:
         if not client_ids:

@@ -6,8 +6,12 @@ import logging
 import os
 import platform
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from edge_client.datasets import ImageSet
 
 
 @click.group()
@@ -77,6 +81,11 @@ def client() -> None:
     help="Plaintext even to a non-loopback aggregator (only behind a trusted TLS proxy or VPN).",
 )
 @click.option(
+    "--skip-bad-images",
+    is_flag=True,
+    help="Leave out images that do not decode (counted in the log) instead of stopping at the first.",
+)
+@click.option(
     "--connect-timeout",
     type=click.FloatRange(min=0.1),
     default=300.0,
@@ -96,6 +105,7 @@ def run(
     client_cert: Path | None,
     client_key: Path | None,
     insecure: bool,
+    skip_bad_images: bool,
     connect_timeout: float,
 ) -> None:
     """Join the aggregator's run: enrol, then train each round it is sampled for and upload the
@@ -132,7 +142,10 @@ def run(
     )
     link = AggregatorLink(address, patience_s=connect_timeout, security=security)
     try:
-        workspace = ClientWorkspace.load(bundle, data, eval_data, state_dir=state_dir, precision=precision)
+        train, held_out = data, eval_data
+        if skip_bad_images:
+            train, held_out = _readable(data), None if eval_data is None else _readable(eval_data)
+        workspace = ClientWorkspace.load(bundle, train, held_out, state_dir=state_dir, precision=precision)
 
         def build_method(method: str) -> ClientMethod:
             if method not in CLIENT_METHODS:
@@ -153,3 +166,19 @@ def run(
     click.echo(f"run {final['run_id']} finished after round {final['round_id']}")
     if final["kept"]:
         click.echo(f"classify with it: fedprompt predict --bundle {bundle} --state-dir {state_dir} IMAGES...")
+
+
+def _readable(spec: str) -> ImageSet:
+    """The dataset `spec` without the images that do not decode, saying how many were left out."""
+    from edge_client.datasets import load_dataset
+
+    images, bad = load_dataset(spec).readable()
+    if bad:
+        logging.getLogger("fedprompt.client").warning(
+            "skipped %d unreadable image(s) of %d in %s (first: %s)",
+            len(bad),
+            len(bad) + len(images),
+            spec,
+            bad[0],
+        )
+    return images

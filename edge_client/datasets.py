@@ -81,6 +81,21 @@ class ImageSet:
         pixels = np.ascontiguousarray(self.pixels[index])
         return hashlib.sha256(repr(pixels.shape).encode() + pixels.tobytes()).hexdigest()
 
+    def readable(self) -> tuple[ImageSet, list[str]]:
+        """The images that decode, and one line for each that does not (for `--skip-bad-images`:
+        one corrupt file need not stop a device). In-memory pixels always decode."""
+        if self.paths is None:
+            return self, []
+        keep, bad = [], []
+        for index, path in enumerate(self.paths):
+            try:
+                self.rgb(index)
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                bad.append(f"{path}: {error}")
+            else:
+                keep.append(index)
+        return (self.subset(np.asarray(keep)) if bad else self), bad
+
     def subset(self, indices: np.ndarray) -> ImageSet:
         """The images at `indices`, same class names (used to split data over clients)."""
         indices = np.asarray(indices, dtype=np.int64)

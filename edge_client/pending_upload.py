@@ -1,10 +1,12 @@
 """A trained update kept on disk until the aggregator has answered for it.
 
 Training a round costs time and, under local DP, privacy budget (spent before training starts).
-So the client saves its encoded update before the first upload attempt and deletes it only on a
-definitive answer (accepted, already received, refused). A client restarted after a crash, or one
-that could not reach the aggregator before the deadline, uploads the saved update when it is
-offered the same round again instead of training, and spending budget, a second time.
+So the client saves its encoded update before the first upload attempt and deletes it only when
+it is accepted or the aggregator has moved on to another round. A client restarted after a crash,
+or one that could not reach the aggregator before the deadline, uploads the saved update when it
+is offered the same round again instead of training, and spending budget, a second time. A
+refused update is kept too, with the refusal beside it (`pending-update.refused`): the device
+sits that round out instead of training for it again.
 
 File layout: 4-byte big-endian length of the header, the serialized `UpdateHeader` (no session),
 then the payload; the header's `payload_bytes` catches a truncated file.
@@ -24,6 +26,7 @@ from protos import fedprompt_pb2 as pb
 
 log = logging.getLogger("fedprompt.client")
 PENDING_FILE = "pending-update.bin"
+REFUSAL_FILE = "pending-update.refused"
 _LENGTH = struct.Struct(">I")
 
 
@@ -33,6 +36,7 @@ class PendingUpload:
 
     header: pb.UpdateHeader
     payload: bytes
+    refusal: str | None = None  # why the aggregator refused it, once it has
 
     @property
     def round_id(self) -> int:
@@ -48,6 +52,7 @@ class PendingUploadFile:
     def __init__(self, state_dir: Path) -> None:
         self.path = Path(state_dir) / PENDING_FILE
         self._spent = self.path.with_name(PENDING_FILE + ".spent")
+        self.refusal_path = Path(state_dir) / REFUSAL_FILE
 
     def mark_spent(self) -> None:
         """Its masked input is about to leave in a secure session: it must never be summed again."""
@@ -59,7 +64,12 @@ class PendingUploadFile:
     def save(self, upload: PendingUpload) -> None:
         self._spent.unlink(missing_ok=True)
         header = upload.header.SerializeToString()
+        self.refusal_path.unlink(missing_ok=True)
         write_atomically(self.path, _LENGTH.pack(len(header)) + header + upload.payload)
+
+    def mark_refused(self, reason: str) -> None:
+        """Keep the saved update, marked as refused for `reason`."""
+        write_atomically(self.refusal_path, reason.encode())
 
     def load(self) -> PendingUpload | None:
         """The saved update, or None; an unreadable file is dropped with a warning."""
@@ -77,8 +87,13 @@ class PendingUploadFile:
             log.warning("unsent update %s is unreadable (%s); dropping it", self.path, error)
             self.clear()
             return None
-        return PendingUpload(header, payload)
+        try:
+            refusal = self.refusal_path.read_text(errors="replace")
+        except FileNotFoundError:
+            refusal = None
+        return PendingUpload(header, payload, refusal)
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
         self._spent.unlink(missing_ok=True)
+        self.refusal_path.unlink(missing_ok=True)

@@ -4,7 +4,9 @@ yet or restarts (exponential backoff with jitter, bounded by `patience_s` of con
 
 Local work is never thrown away: the trained update is saved before it is uploaded, an upload cut
 off by a restart is retried until the round's deadline, and a saved update is sent (not trained
-again) when the same round is offered after a crash of either side.
+again) when the same round is offered after a crash of either side. Refusals never cost privacy:
+a device whose update is refused keeps it, says why in one line and sits that round out (it
+never trains for it again), or stops when the aggregator says the refusal is final.
 
 The runtime knows no method: it turns a task into a `RoundTask`, hands it to the `ClientMethod`
 named in the task, and ships back the `RoundResult`: pushed as an update, or, when the task says
@@ -34,6 +36,7 @@ from edge_client.secure_upload import GrpcSecureChannel, Outcome, params_from_me
 from edge_client.tls import ChannelSecurity, closed_socket_hint, tls_failure
 from fedprompt.common.codec import CodecError, decode_tensor_set, encode_tensor_set, iter_chunks, join_chunks
 from fedprompt.common.files import write_atomically
+from fedprompt.common.network import REFUSAL_METADATA, session_metadata, token_metadata
 from fedprompt.common.privacy_labels import describe_epsilon
 from fedprompt.common.secagg.policy import ThresholdFloor
 from fedprompt.common.settings import SettingsError, TrainingSettings
@@ -50,7 +53,12 @@ RETRYABLE = (
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.CANCELLED,  # e.g. cut by the aggregator's door after a stall on the way
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
 )
+"""Transient failures: the same call (the same saved update) is sent again, with backoff."""
 _ENCODING_NAMES = {pb.FP32: "fp32", pb.FP16: "fp16", pb.INT8: "int8"}
 PLAINTEXT = ChannelSecurity(None, "plaintext")
 
@@ -175,6 +183,7 @@ class Heartbeat:
                 reply = self._link.stub.Heartbeat(
                     pb.HeartbeatRequest(session=self._session, round_id=self._round_id),
                     timeout=self._link.rpc_timeout_s,
+                    metadata=session_metadata(self._session),
                 )
             except grpc.RpcError as error:
                 log.info("heartbeat failed (%s); training goes on", error.code().name)
@@ -216,6 +225,7 @@ class ClientRuntime:
         self.name = name
         self._methods: dict[str, ClientMethod] = {}
         self._pending = PendingUploadFile(state_dir)
+        self._sitting_out: tuple[str, int] | None = None  # (run, round) already said to be sat out
         self.identity: Identity | None = None
         self.chunk_bytes = 1 << 20
         self.max_payload_bytes = 64 * 2**20
@@ -249,6 +259,7 @@ class ClientRuntime:
                         device_key=device_identity(self.state_dir).public_key,
                     ),
                     timeout=self.link.rpc_timeout_s,
+                    metadata=token_metadata(self.token),
                 ),
             )
         except grpc.RpcError as error:
@@ -310,7 +321,11 @@ class ClientRuntime:
         return self._authenticated(
             "pull task",
             lambda session: self._receive(
-                self.link.stub.PullTask(pb.PullTaskRequest(session=session), timeout=self.link.rpc_timeout_s),
+                self.link.stub.PullTask(
+                    pb.PullTaskRequest(session=session),
+                    timeout=self.link.rpc_timeout_s,
+                    metadata=session_metadata(session),
+                ),
                 "task",
             ),
         )
@@ -333,6 +348,9 @@ class ClientRuntime:
             saved = None
             self._pending.clear()
         if saved is not None and saved.answers(header.run_id, header.round_id):
+            if saved.refusal is not None:
+                self._sit_out(saved, header)
+                return
             log.info(
                 "round %d: sending the update trained before a restart (not training again)", saved.round_id
             )
@@ -344,6 +362,13 @@ class ClientRuntime:
         upload, deadline = self._train(header, payload, deadline)
         self._pending.save(upload)
         self._send(upload, header, deadline)
+
+    def _sit_out(self, refused: PendingUpload, task: pb.TaskHeader) -> None:
+        """The round of a refused update is offered again: wait for the next one, without training."""
+        if self._sitting_out != (task.run_id, task.round_id):
+            self._sitting_out = (task.run_id, task.round_id)
+            log.info("round %d: sitting it out (its update was refused: %s)", task.round_id, refused.refusal)
+        time.sleep(max(1.0, task.heartbeat_interval_s) * random.uniform(0.8, 1.2))
 
     def _send(self, upload: PendingUpload, task: pb.TaskHeader, deadline: float) -> None:
         if task.HasField("secure_aggregation"):
@@ -357,7 +382,9 @@ class ClientRuntime:
         def call(request: pb.SecAggRequest) -> pb.SecAggReply:
             def rpc(session: str) -> pb.SecAggReply:
                 request.session = session
-                return self.link.stub.SecAggStep(request, timeout=self.link.rpc_timeout_s)
+                return self.link.stub.SecAggStep(
+                    request, timeout=self.link.rpc_timeout_s, metadata=session_metadata(session)
+                )
 
             return self._authenticated("secure aggregation", rpc)
 
@@ -453,9 +480,10 @@ class ClientRuntime:
         return PendingUpload(upload_header, update), heartbeat.deadline
 
     def _upload(self, upload: PendingUpload, deadline: float) -> None:
-        """Push the update, retrying transient failures until the round's deadline. Any answer
-        (accepted, already received, refused) ends it; without one the saved update stays for
-        when the round is offered again."""
+        """Push the update, resending it on transient failures (RETRYABLE) with backoff until the
+        round's deadline. Accepted (or already received) deletes it; a refusal keeps it, marked,
+        so the round is sat out instead of trained again (or stops the client when final);
+        without an answer it stays for when the round is offered again."""
 
         def push(session: str) -> pb.PushUpdateReply:
             header = pb.UpdateHeader()
@@ -463,29 +491,45 @@ class ClientRuntime:
             header.session = session
             chunks = [pb.UpdateChunk(header=header)]
             chunks += [pb.UpdateChunk(data=c) for c in iter_chunks(upload.payload, self.chunk_bytes)]
-            return self.link.stub.PushUpdate(iter(chunks), timeout=max(self.link.rpc_timeout_s, 60.0))
+            return self.link.stub.PushUpdate(
+                iter(chunks), timeout=max(self.link.rpc_timeout_s, 60.0), metadata=session_metadata(session)
+            )
 
         try:
             self._authenticated("upload", push, give_up_at=max(deadline, time.monotonic() + 1.0))
             log.info("round %d: update accepted", upload.round_id)
         except grpc.RpcError as error:
-            if error.code() == grpc.StatusCode.ALREADY_EXISTS:
-                log.info("round %d: update accepted (already received before a reconnect)", upload.round_id)
-            else:
-                log.warning(
-                    "round %d: update refused (%s: %s)", upload.round_id, error.code().name, error.details()
-                )
+            if error.code() != grpc.StatusCode.ALREADY_EXISTS:
+                self._refused(upload, error)
+                return
+            log.info("round %d: update accepted (already received before a reconnect)", upload.round_id)
         except ClientError as error:
             log.warning("round %d: %s; keeping the update for a later try", upload.round_id, error)
             return
         self._pending.clear()
+
+    def _refused(self, upload: PendingUpload, error: grpc.RpcError) -> None:
+        reason = f"{error.code().name}: {error.details()}"
+        if dict(error.trailing_metadata() or ()).get(REFUSAL_METADATA) == "final":
+            raise ClientError(
+                f"round {upload.round_id}: the aggregator refuses this device's updates for good ({reason})"
+            )
+        self._pending.mark_refused(reason)
+        self._sitting_out = (upload.header.run_id, upload.round_id)
+        log.warning(
+            "round %d: update refused (%s); sitting the round out, not training again",
+            upload.round_id,
+            reason,
+        )
 
     def _fetch_final(self) -> dict[str, object]:
         header, payload = self._authenticated(
             "fetch global model",
             lambda session: self._receive(
                 self.link.stub.FetchGlobal(
-                    pb.FetchGlobalRequest(session=session), timeout=self.link.rpc_timeout_s
+                    pb.FetchGlobalRequest(session=session),
+                    timeout=self.link.rpc_timeout_s,
+                    metadata=session_metadata(session),
                 ),
                 "model",
             ),

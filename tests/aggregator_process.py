@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 
 from fedprompt.common.codec import decode_tensor_set, encode_tensor_set, iter_chunks, join_chunks
+from fedprompt.common.network import session_metadata
 from protos import fedprompt_pb2 as pb
 from protos import fedprompt_pb2_grpc as pb_grpc
 
@@ -169,15 +170,19 @@ class RawClient:
         self.stub = pb_grpc.AggregatorStub(self.channel)
         reply = self.stub.Enroll(pb.EnrollRequest(token=token, client_name=name), timeout=10)
         self.client_id, self.session, self.run_id = reply.client_id, reply.session, reply.run_id
+        self.metadata = session_metadata(self.session)  # as the edge client shows it to the door
 
     def pull(self) -> tuple[pb.TaskHeader, dict[str, np.ndarray]]:
-        stream = self.stub.PullTask(pb.PullTaskRequest(session=self.session), timeout=10)
+        stream = self.stub.PullTask(
+            pb.PullTaskRequest(session=self.session), timeout=10, metadata=self.metadata
+        )
         header = next(stream).header
         payload = join_chunks((c.data for c in stream), header.payload_bytes, 1 << 30)
         return header, decode_tensor_set(payload)
 
     def heartbeat(self, round_id: int) -> pb.HeartbeatReply:
-        return self.stub.Heartbeat(pb.HeartbeatRequest(session=self.session, round_id=round_id), timeout=10)
+        request = pb.HeartbeatRequest(session=self.session, round_id=round_id)
+        return self.stub.Heartbeat(request, timeout=10, metadata=self.metadata)
 
     def wait_for_task(self, timeout: float = 30.0) -> tuple[pb.TaskHeader, dict[str, np.ndarray]]:
         """Poll like a real client until told to train or that the run is finished."""
@@ -221,10 +226,12 @@ class RawClient:
         return self.push_chunks(chunks)
 
     def push_chunks(self, chunks: list[pb.UpdateChunk]) -> pb.PushUpdateReply:
-        return self.stub.PushUpdate(iter(chunks), timeout=20)
+        return self.stub.PushUpdate(iter(chunks), timeout=20, metadata=self.metadata)
 
     def fetch_global(self) -> tuple[pb.ModelHeader, dict[str, np.ndarray]]:
-        stream = self.stub.FetchGlobal(pb.FetchGlobalRequest(session=self.session), timeout=10)
+        stream = self.stub.FetchGlobal(
+            pb.FetchGlobalRequest(session=self.session), timeout=10, metadata=self.metadata
+        )
         header = next(stream).header
         return header, decode_tensor_set(join_chunks((c.data for c in stream), header.payload_bytes, 1 << 30))
 

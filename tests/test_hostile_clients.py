@@ -5,20 +5,34 @@ daemon logs it and goes on, and the committed state stays exactly what the hones
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from aggregator_process import FEDPROMPT, SERVE, AggregatorProcess, RawClient, write_config
+from aggregator_process import (
+    FEDPROMPT,
+    SERVE,
+    AggregatorProcess,
+    LightClients,
+    LoggedProcess,
+    RawClient,
+    free_port,
+    write_config,
+)
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from test_federated import client_command, write_image_folder
 
 from aggregator.store import SQLiteStore
 from protos import fedprompt_pb2 as pb
+from protos import fedprompt_pb2_grpc as pb_grpc
 
 ROUNDS = {
     "rounds": 1,
@@ -359,3 +373,234 @@ def test_an_out_of_range_config_value_stops_the_daemon_at_start_with_one_line(
     assert done.returncode != 0 and "Traceback" not in done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert f"{section}.{key} must be in" in line and f"got {value}" in line
+
+
+class SilentStreams:
+    """`count` calls that never send a byte, kept open: PushUpdate streams, and PullTask calls
+    opened as a raw HTTP/2 client may (headers, no message). Each one the aggregator refuses or
+    cuts is opened again after `reopen_s`, for as long as the flood lasts."""
+
+    def __init__(self, address: str, count: int, reopen_s: float = 0.5) -> None:
+        self.channels = [grpc.insecure_channel(address) for _ in range(8)]
+        self.reopen_s, self.stop = reopen_s, threading.Event()
+        self.ended: list[tuple[grpc.StatusCode, float]] = []  # (status, seconds it was held open)
+        self.lock = threading.Lock()
+        for index in range(count):
+            self.open(index)
+
+    def silence(self):
+        self.stop.wait()
+        yield from ()
+
+    def open(self, index: int) -> None:
+        if self.stop.is_set():
+            return
+        channel = self.channels[index % len(self.channels)]
+        opened = time.monotonic()
+        if index % 2:
+            future = pb_grpc.AggregatorStub(channel).PushUpdate.future(self.silence(), timeout=120)
+        else:
+            future = channel.stream_stream("/fedprompt.v1.Aggregator/PullTask")(self.silence(), timeout=120)
+        future.add_done_callback(lambda done: self.ended_one(index, done, opened))
+
+    def ended_one(self, index: int, done: grpc.Future, opened: float) -> None:
+        if self.stop.is_set():
+            return
+        with self.lock:
+            self.ended.append((done.code(), time.monotonic() - opened))
+        threading.Timer(self.reopen_s, self.open, (index,)).start()
+
+    def close(self) -> None:
+        self.stop.set()
+        for channel in self.channels:
+            channel.close()
+
+
+def test_200_silent_streams_neither_stall_nor_slow_four_real_clients(tmp_path: Path) -> None:
+    """Strangers holding calls open without a byte get a few places, each cut at the
+    first-message deadline, the rest refused at once; real clients, which show their session (or
+    token) in the call's metadata, enrol and play their rounds as fast as without the flood."""
+    rules = {**ROUNDS, "rounds": 3, "min_clients": 4, "min_fit": 4, "min_updates": 4}
+    limits = {"first_message_timeout_s": 2.0}
+    durations, elapsed = {}, {}
+    for flood in (False, True):
+        folder = tmp_path / ("flood" if flood else "calm")
+        folder.mkdir()
+        config = write_config(folder / "aggregator.toml", rules, limits)
+        store = SQLiteStore(folder / "state.sqlite")
+        (folder / "tokens").write_text("\n".join(store.issue_token() for _ in range(4)))
+        store.close()
+        server = AggregatorProcess(config)
+        streams = SilentStreams(server.address, 200) if flood else None
+        try:
+            time.sleep(3.0 if flood else 0.0)  # the places of strangers are all taken
+            started = time.monotonic()
+            args = (server.address, folder / "tokens", folder / "clients", 0, 4, "--train-s", "0.3")
+            clients = LightClients(*args)
+            assert clients.wait(60) == 0, clients.log[-3000:]
+            elapsed[flood] = time.monotonic() - started
+            server.wait_for_log(r"round 3/3 committed: 4 clients")
+            if flood:
+                ended = list(streams.ended)
+                held = [seconds for code, seconds in ended if code == grpc.StatusCode.CANCELLED]
+                refused_at_once = [code for code, _ in ended if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+                assert held and refused_at_once and len(held) + len(refused_at_once) == len(ended)
+                assert all(1.9 < seconds < 4.0 for seconds in held)
+                cut = r"(PushUpdate|PullTask) refused for .*: cut: no first message within 2 s"
+                assert server.count(cut) >= len(held) and server.count(r"PullTask refused for .*: cut") >= 1
+                assert server.proc.poll() is None and "Traceback" not in server.log
+        finally:
+            if streams is not None:
+                streams.close()
+            server.kill()
+        records = SQLiteStore(folder / "state.sqlite", read_only=True).rounds()
+        durations[flood] = [record.metrics["duration_s"] for record in records]
+    calm, flooded = durations[False], durations[True]
+    assert len(flooded) == 3 and max(flooded) < max(calm) + 1.5, (calm, flooded)
+    assert elapsed[True] < elapsed[False] + 3.0, elapsed  # enrolment and polling included
+
+
+def test_an_enrolled_client_is_bounded_in_open_calls_and_cut_when_idle(tmp_path: Path) -> None:
+    limits = {"idle_timeout_s": 1.0, "first_message_timeout_s": 30.0, "max_calls_per_client": 3}
+    server, tokens = start(tmp_path, 3, server=limits)
+    stop = threading.Event()
+    try:
+        device = RawClient(server.address, tokens[0])
+        header = pb.UpdateChunk(header=pb.UpdateHeader(session=device.session, payload_bytes=10))
+
+        def header_then_silence():
+            yield header
+            stop.wait()
+
+        def silence():
+            stop.wait()
+            yield from ()
+
+        opened = [device.stub.PushUpdate.future(silence(), metadata=device.metadata) for _ in range(3)]
+        time.sleep(0.5)
+        details = refused(lambda: device.pull(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert details == f"{device.client_id} already has 3 calls open (server.max_calls_per_client)"
+        assert not any(future.done() for future in opened)  # waiting for a first message (30 s)
+        stop.set()
+        for future in opened:
+            future.exception(timeout=10)
+        stop.clear()
+        started = time.monotonic()
+        refused(lambda: device.push_chunks(header_then_silence()), grpc.StatusCode.CANCELLED)
+        assert 0.9 < time.monotonic() - started < 3.0
+        server.wait_for_log(r"PushUpdate refused for .*: cut: no next message within 1 s")
+        assert device.pull()[0].status == pb.WAIT  # its places are free again
+    finally:
+        stop.set()
+        server.kill()
+
+
+def test_refused_dp_updates_cost_each_device_one_training_per_round(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """`max_update_norm` far below what client-level DP noise gives: every honest update is
+    refused. Each device pays for one training of round 1 (its saved accountant), keeps the
+    refused update, says why in one line and sits the round out while the round is extended; the
+    aggregator says why it refuses and stops waiting for them. Device 0 also has a corrupt image,
+    which `--skip-bad-images` leaves out with a count in its log."""
+    rounds = {**ROUNDS, "min_clients": 2, "min_fit": 2, "min_updates": 2, "round_timeout_s": 3.0}
+    config = write_config(tmp_path / "aggregator.toml", rounds)
+    training = '[training]\nn_ctx = 4\nbatch_size = 8\ndp = "client"\nnoise_multiplier = 1.0\n'
+    config.write_text(config.read_text() + "\n[aggregation]\nmax_update_norm = 0.001\n" + training)
+    store = SQLiteStore(tmp_path / "state.sqlite")
+    tokens = [store.issue_token() for _ in range(2)]
+    store.close()
+    server = AggregatorProcess(config)
+    devices = []
+    try:
+        for index, token in enumerate(tokens):
+            data = write_image_folder(tmp_path / f"data{index}", seed=index)
+            command = client_command(server.address, tiny_bundle, data, tmp_path / f"device{index}")
+            if index == 0:
+                (data / "disc" / "broken.png").write_bytes(b"\x89PNG not an image")
+                command.append("--skip-bad-images")
+            devices.append(LoggedProcess([*command, "--token", token, "--connect-timeout", "120"]))
+        refusal = (
+            r"PushUpdate refused for .*: update is [\d.]+ away from the global model, above max_update_norm"
+        )
+        server.wait_for_log(refusal, timeout=240, times=2)
+        server.wait_for_log(r"not waiting for c-\w+, whose update was refused", times=2)
+        extended = server.count(r"round 1: 0 of 2 required updates; extended")
+        server.wait_for_log(r"round 1: 0 of 2 required updates; extended", times=extended + 3)  # > 9 s
+        for device in devices:
+            assert device.count(r"round 1/1: training") == 1, device.log[-3000:]
+            (line,) = [line for line in device.lines if "update refused" in line or "sitting" in line]
+            assert "update refused (INVALID_ARGUMENT: update is" in line and "sitting the round out" in line
+            assert device.proc.poll() is None
+        skipped = r"skipped 1 unreadable image\(s\) of 19 in .*data0 \(first: .*broken.png: "
+        assert devices[0].count(skipped) == 1
+    finally:
+        for process in (*devices, server):
+            process.kill()
+    for index in range(2):
+        state = tmp_path / f"device{index}"
+        history = json.loads((state / "privacy_accountant.json").read_text())["history"]
+        assert history == [[0.5, 1.0, 1]]  # one client-level round: sigma / 2, rate 1, one step
+        assert (state / "pending-update.refused").read_text().startswith("INVALID_ARGUMENT: update is")
+    assert SQLiteStore(tmp_path / "state.sqlite", read_only=True).rounds() == []
+
+
+def test_a_corrupt_image_stops_a_device_in_one_line_unless_skipped(tiny_bundle: Path, tmp_path: Path) -> None:
+    data = write_image_folder(tmp_path / "data", seed=0)
+    (data / "checks" / "broken.png").write_bytes(b"not an image at all")
+    command = client_command(
+        "127.0.0.1:9", tiny_bundle, data, tmp_path / "device", "--connect-timeout", "0.5"
+    )
+    done = subprocess.run([*command, "--token", "x.y"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("Error")]
+    assert "broken.png" in line
+
+
+def test_a_token_revoked_mid_round_ends_that_clients_part_at_once(tmp_path: Path) -> None:
+    server, tokens = start(tmp_path, 3)  # client_timeout_s 10: the round would wait that long
+    try:
+        clients = [RawClient(server.address, token) for token in tokens]
+        for client in clients:
+            client.wait_for_task()
+        for index, client in enumerate(clients[:2]):
+            assert client.push(1, {"ctx": honest(index)}, 10).accepted
+        time.sleep(1.0)
+        assert server.count(r"round 1/1 committed") == 0  # waiting for the third, which is live
+        token_id = tokens[2].split(".")[0]
+        revoke = [FEDPROMPT, "aggregator", "token", "revoke", "--state", str(tmp_path / "state.sqlite")]
+        assert subprocess.run([*revoke, token_id], capture_output=True).returncode == 0
+        revoked_at = time.monotonic()
+        server.wait_for_log(r"round 1/1 committed: 2 clients", timeout=10)
+        assert time.monotonic() - revoked_at < 3.0
+        assert server.count(rf"round 1: c-{token_id}'s token was revoked; not waiting for it") == 1
+    finally:
+        server.kill()
+
+
+def test_down_bytes_count_a_task_pulled_before_a_restart_of_the_daemon(tmp_path: Path) -> None:
+    """A client that pulled round 2's task, then uploads to the restarted daemon without pulling it
+    again, is counted with that task's bytes (it was counted 0 and `down KB` was wrong)."""
+    config = write_config(tmp_path / "aggregator.toml", {**ROUNDS, "rounds": 2}, {"port": free_port()})
+    store = SQLiteStore(tmp_path / "state.sqlite")
+    tokens = [store.issue_token() for _ in range(3)]
+    store.close()
+    server = AggregatorProcess(config)
+    try:
+        clients = [RawClient(server.address, token) for token in tokens]
+        for index, client in enumerate(clients):
+            client.wait_for_task()
+            assert client.push(1, {"ctx": honest(index)}, 10).accepted
+        server.wait_for_log(r"round 1/2 committed: 3 clients")
+        tasks = [client.wait_for_task()[0] for client in clients]
+        assert {task.round_id for task in tasks} == {2}
+        server.kill()  # kill -9 after every client pulled its task
+        server = AggregatorProcess(config)
+        for index, client in enumerate(clients):
+            assert client.push(2, {"ctx": honest(index)}, 10).accepted
+        server.wait_for_log(r"round 2/2 committed: 3 clients")
+    finally:
+        server.kill()
+    record = SQLiteStore(tmp_path / "state.sqlite", read_only=True).rounds()[1]
+    assert record.metrics["bytes_down_per_client"] == tasks[0].payload_bytes > 0
+    assert {client.bytes_down for client in record.clients} == {tasks[0].payload_bytes}

@@ -30,3 +30,22 @@ def split_address(address: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise AddressError(f"expected HOST:PORT, got {address!r}")
     return host.strip("[]"), int(port)
+
+
+SESSION_METADATA = "fedprompt-session"
+TOKEN_METADATA = "fedprompt-token"
+"""Call metadata that shows a client's session (or, to enrol, its token) before any message: the
+aggregator's door (`aggregator.door`) then counts the call against that client instead of among
+strangers."""
+
+
+REFUSAL_METADATA = "fedprompt-refusal"
+"""Trailing metadata of a refusal; "final": no update of this device can ever be accepted by the run."""
+
+
+def session_metadata(session: str) -> tuple[tuple[str, str], ...]:
+    return ((SESSION_METADATA, session),)
+
+
+def token_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    return ((TOKEN_METADATA, token),)
