@@ -86,6 +86,53 @@ def test_secure_clustering_recovers_three_separated_domains() -> None:
     np.testing.assert_allclose(state["domain"][:, 0, 0], [0.0, 0.1, 0.2], atol=1e-6)
 
 
+def summed(uploads: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {name: sum(u[name] for u in uploads) for name in uploads[0]}
+
+
+def unit(vector: np.ndarray) -> np.ndarray:
+    return vector / np.linalg.norm(vector)
+
+
+def test_the_summed_statistic_does_not_tell_apart_two_pairs_or_triples_with_the_same_sum() -> None:
+    rng = np.random.default_rng(5)
+    dim, prompt = 8, np.zeros((1, 2))
+    for members in (2, 3):
+        first = [unit(rng.standard_normal(dim)) for _ in range(members)]
+        axis = unit(sum(first))
+        # rotate every descriptor about the sum's axis by the same rotation: same sum, same norms
+        basis = np.linalg.qr(np.column_stack([axis, rng.standard_normal((dim, dim - 1))]))[0]
+        turn = np.eye(dim)
+        turn[1:3, 1:3] = [[0.0, -1.0], [1.0, 0.0]]
+        rotation = basis @ turn @ basis.T
+        second = [rotation @ z for z in first]
+        assert not any(np.allclose(z, w) for z in first for w in second)
+        views = [summed([slot_upload(0, 2, prompt, z) for z in group]) for group in (first, second)]
+        for name in views[0]:  # the server's whole view of the slot is the same for both groups
+            np.testing.assert_allclose(views[0][name], views[1][name], atol=1e-6)
+        outer = [sum(np.outer(z, z) for z in group) for group in (first, second)]
+        assert not np.allclose(*outer, atol=1e-3)  # the outer-product sums it replaces told them apart
+
+
+def test_a_cluster_under_the_minimum_size_is_not_released_and_its_clients_join_another() -> None:
+    strategy = SERVER_STRATEGIES["secfpp"]({"clusters": 3, "cluster_dim": 4, "min_cluster_size": 3})
+    points = [unit(np.array([1.0, 0.1 * i, 0, 0])) for i in range(4)]
+    points += [unit(np.array([0, 0, 1.0, 0.1 * i])) for i in range(2)]  # a slot of two
+    slots = [0, 0, 0, 0, 1, 1]
+    uploads = [slot_upload(s, 3, np.full((1, 2), 1.0 + s), p) for s, p in zip(slots, points, strict=True)]
+    total = SumLayout.of(uploads[0]).unpack(
+        SumLayout.of(uploads[0]).pack(summed(uploads), 1.0, {}, 10.0)[0], len(uploads)
+    )
+
+    state, metrics = strategy.aggregate_sum({}, total)
+
+    assert metrics["held_back"] == 2 and metrics["clients_clustered"] == 4
+    assert len(state["centroids"]) == 1  # slot 1 is not released (and slot 0 is too small to split)
+    np.testing.assert_allclose(state["domain"], np.full((1, 1, 2), 1.0))  # no trace of slot 1's prompts
+    np.testing.assert_allclose(state["centroids"][0], np.mean(points[:4], axis=0), atol=1e-6)
+    assert all(nearest(p, state["centroids"].astype(np.float64)) == 0 for p in points[4:])
+
+
 def write_toml(path: Path, method: str, extra: str = "") -> Path:
     rounds = "[rounds]\nmin_fit = 4\nmin_clients = 4\n"
     path.write_text(f'[server]\nstate = "s.sqlite"\n{rounds}[method]\nname = "{method}"\n{extra}')

@@ -1,7 +1,10 @@
-"""SecFPP through a real aggregator over gRPC with three real `fedprompt client run` processes,
+"""SecFPP through a real aggregator over gRPC with four real `fedprompt client run` processes,
 every byte the aggregator receives and sends recorded by a gRPC server interceptor: what arrives
-from the clients is masked (uniform modulo 2**32), no update travels in the clear, and no client's
-class-level prompt (read back from its state folder afterwards) appears anywhere on the wire."""
+from the clients is masked (uniform modulo 2**32), no update travels in the clear, the summed
+layout every client announces at step 0 is exactly the method's upload (so no class-level prompt
+rides inside the masked vector), and no client's class-level prompt (read back from its state
+folder afterwards) appears anywhere on the wire. A second test feeds the same checks a recording
+with class-level data put into the upload, and they catch it."""
 
 from __future__ import annotations
 
@@ -96,6 +99,52 @@ def row_patterns(class_level: np.ndarray) -> list[bytes]:
     return [r[:8].astype("<f4").tobytes() for r in rows] + [r[:8].astype("<f2").tobytes() for r in rows]
 
 
+UPLOAD = {"domain", "member", "descriptor", "spread"}
+"""SecFPP's summed upload (`edge_client.methods.domain_clusters.slot_upload`)."""
+
+
+def class_level_findings(
+    requests: list[tuple[str, bytes]], wire: list[bytes], class_level: np.ndarray
+) -> list[str]:
+    """Every way `class_level` reaches the aggregator in the recording: a tensor other than the
+    upload's, or of the class-level shape, in a step-0 summed layout (it would ride masked inside
+    the sum), or one of its rows in the clear anywhere."""
+    findings = []
+    for method, data in requests:
+        if method != "SecAggStep":
+            continue
+        request = pb.SecAggRequest.FromString(data)
+        for spec in request.layout:
+            shape = tuple(spec.shape)
+            if spec.name not in UPLOAD or shape[-3:] == class_level.shape:
+                findings.append(f"step {request.step} layout carries {spec.name} {shape}")
+    patterns = row_patterns(class_level)
+    if any(p in data for p in patterns for data in wire):
+        findings.append("a class-level row is on the wire in the clear")
+    return findings
+
+
+def test_the_checks_catch_class_level_data_put_into_the_upload() -> None:
+    class_level = np.random.default_rng(1).normal(0, 0.02, (3, N_CTX, 64)).astype(np.float32)
+    honest = [("domain", (2, N_CTX, 64)), ("member", (2,)), ("descriptor", (2, 8)), ("spread", (2,))]
+
+    def step0(layout: list[tuple[str, tuple[int, ...]]]) -> tuple[str, bytes]:
+        specs = [pb.TensorSpec(name=name, shape=shape) for name, shape in layout]
+        return "SecAggStep", pb.SecAggRequest(step=0, message=b"masked", layout=specs).SerializeToString()
+
+    clean = [step0(honest)]
+    assert class_level_findings(clean, [data for _, data in clean], class_level) == []
+    masked_inside = [step0([*honest, ("class_level", (3, N_CTX, 64))])]
+    renamed = [step0([*honest[:3], ("spread", (3, N_CTX, 64))])]
+    in_clear = [step0(honest), ("PushUpdate", b"x" + class_level[1].astype("<f2").tobytes())]
+    for leak, finding in (
+        (masked_inside, "step 0 layout carries class_level (3, 4, 64)"),
+        (renamed, "step 0 layout carries spread (3, 4, 64)"),
+        (in_clear, "a class-level row is on the wire in the clear"),
+    ):
+        assert class_level_findings(leak, [data for _, data in leak], class_level) == [finding]
+
+
 def test_the_server_receives_only_masked_bytes_and_never_a_class_level_prompt(
     tiny_bundle: Path, tmp_path: Path
 ) -> None:
@@ -157,13 +206,14 @@ def test_the_server_receives_only_masked_bytes_and_never_a_class_level_prompt(
 
     wire = [data for _, data in recorder.requests + recorder.responses]
     assert not any(b"cluster" in data for _, data in recorder.requests)  # the device's cluster stays there
+    layouts = [pb.SecAggRequest.FromString(d).layout for m, d in recorder.requests if m == "SecAggStep"]
+    assert sum(1 for layout in layouts if layout) == 2 * CLIENTS  # every client announced one per round
     for i in range(CLIENTS):
         (state_file,) = (tmp_path / f"client{i}" / METHOD_STATE_DIR).glob("secfpp-*.tensors")
         class_level = load_tensors(state_file)["class_level"]
         assert class_level.shape == (3, N_CTX, 64) and np.abs(class_level).max() > 0
-        patterns = row_patterns(class_level)
-        assert any(p in state_file.read_bytes() for p in patterns)  # the search finds what is there
-        assert not any(p in data for p in patterns for data in wire)
+        assert any(p in state_file.read_bytes() for p in row_patterns(class_level))  # the search works
+        assert class_level_findings(recorder.requests, wire, class_level) == []
     final = store.latest_round().tensors
     assert set(final) == {"domain", "centroids"} and final["domain"].shape[1:] == (N_CTX, 64)
     store.close()

@@ -8,8 +8,9 @@ images need the same change of the prompt point the same way. It is computed onc
 device (one value per client, so the clustering converges like K-means on fixed points).
 
 Secure aggregation sums the uploads slot by slot: the server gets per slot the number of clients,
-the sum of their descriptors and of their outer products, and the sum of their domain prompts,
-and never learns which slot a client chose (`aggregator.strategies.adaptive_kmeans`).
+the sum of their descriptors and of their squared norms, and the sum of their domain prompts, and
+never learns which slot a client chose (`aggregator.strategies.adaptive_kmeans`); no second
+moment per direction, which would expose the descriptors of a slot with few clients.
 """
 
 from __future__ import annotations
@@ -40,17 +41,17 @@ def nearest(point: np.ndarray, centroids: np.ndarray) -> int:
 
 
 def slot_upload(slot: int, slots: int, domain: np.ndarray, point: np.ndarray) -> dict[str, np.ndarray]:
-    """`domain`, a count of 1, `point` and `point point^T` in slot `slot` of `slots`, zero elsewhere."""
+    """`domain`, a count of 1, `point` and `|point|^2` in slot `slot` of `slots`, zero elsewhere."""
     if not 0 <= slot < slots:
         raise ValueError(f"slot {slot} outside 0..{slots - 1}")
     upload = {
         "domain": np.zeros((slots, *domain.shape), np.float32),
         "member": np.zeros(slots, np.float32),
         "descriptor": np.zeros((slots, point.size), np.float32),
-        "scatter": np.zeros((slots, point.size, point.size), np.float32),
+        "spread": np.zeros(slots, np.float32),
     }
     upload["domain"][slot] = domain
     upload["member"][slot] = 1.0
     upload["descriptor"][slot] = point
-    upload["scatter"][slot] = np.outer(point, point)
+    upload["spread"][slot] = float(point @ point)
     return upload

@@ -9,7 +9,7 @@ joins the cluster whose public centroid is nearest to its descriptor
 (`edge_client.methods.domain_clusters`), starts from that cluster's domain prompt, trains both parts
 (DP-SGD over both jointly with dp = "sample", so every output of the device is DP with respect to
 its examples; dp = "client" is refused, it would protect the upload only), and uploads its new
-domain prompt, a count, its descriptor and its outer product in its cluster's slot of a
+domain prompt, a count, its descriptor and its squared norm in its cluster's slot of a
 `clusters`-slot vector. In its first round a client starts from the run's shared initialisation
 instead, and its descriptor is the projection of that round's domain-prompt update.
 

@@ -25,7 +25,9 @@ class SettingsError(ValueError):
 
 # Read by server halves only, so never sent to devices: clients reject setting keys they do not
 # know, and a server-side setting added in a newer aggregator must not stop older clients.
-SERVER_ONLY_SETTINGS = frozenset({"server_lr", "global_clip", "global_noise_multiplier", "split_gain"})
+SERVER_ONLY_SETTINGS = frozenset(
+    {"server_lr", "global_clip", "global_noise_multiplier", "split_gain", "min_cluster_size"}
+)
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,8 @@ class TrainingSettings:
     clusters: the slots of its securely summed upload), `cluster_dim` (size of the public random
     projection of a client's first domain-prompt update that clients are clustered on) and
     `split_gain` (a cluster is split in two when that would explain at least this share of the
-    total scatter of the projections).
+    total scatter of the projections); `min_cluster_size` (a cluster with fewer clients is not
+    released: its sums are held back and its clients join the nearest released one).
     """
 
     n_ctx: int = 16
@@ -77,6 +80,7 @@ class TrainingSettings:
     clusters: int = 4
     cluster_dim: int = 8
     split_gain: float = 0.1
+    min_cluster_size: int = 3
 
     def __post_init__(self) -> None:
         self._check(self.n_ctx >= 1, "n_ctx", "must be at least 1")
@@ -111,6 +115,7 @@ class TrainingSettings:
         self._check(self.clusters >= 1, "clusters", "must be at least 1")
         self._check(self.cluster_dim >= 2, "cluster_dim", "must be at least 2")
         self._check(0 < self.split_gain < 1, "split_gain", "must be in (0, 1)")
+        self._check(self.min_cluster_size >= 1, "min_cluster_size", "must be at least 1")
 
     @staticmethod
     def _check(ok: bool, name: str, requirement: str) -> None:
