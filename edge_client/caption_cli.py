@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from edge_client.bundle import Bundle, BundleError
-from edge_client.caption_data import caption_features, open_images
+from edge_client.caption_data import cached_caption_features, caption_features, open_images
 from edge_client.caption_prompts import PromptFileError, load_prompt_parts, prompts_for
 from edge_client.caption_search import GREEDY, Decoding, generate
 
@@ -30,7 +30,11 @@ def caption_images(
     spec = bundle.decoder_spec
     captions: list[str] = []
     for start in range(0, len(images), BATCH):
-        features, patches = caption_features(bundle, open_images(images[start : start + BATCH]), threads)
+        batch = images[start : start + BATCH]
+        if state_dir is not None:  # the device's feature cache, as for training
+            features, patches, _ = cached_caption_features(bundle, batch, state_dir / "features", threads)
+        else:
+            features, patches = caption_features(bundle, open_images(batch), threads)
         ids = generate(
             stepper,
             prompts_for(parts, features),

@@ -133,3 +133,16 @@ def test_bench_caption_compares_onnxruntime_with_torch(caption_bundle: Path, tmp
         ("beam 2", "torch"),
     ]
     assert all(r["same_tokens"] and r["captions_per_s"] > 0 for r in rows)
+
+
+def test_caption_features_are_cached_by_content(caption_bundle: Path, tmp_path: Path) -> None:
+    from edge_client.caption_data import cached_caption_features
+
+    bundle = Bundle.open(caption_bundle)
+    images = write_images(tmp_path / "images", 4)
+    features, patches = caption_features(bundle, open_images(images))
+    first = cached_caption_features(bundle, images[:3], tmp_path / "cache")
+    again = cached_caption_features(bundle, images, tmp_path / "cache")
+    assert (first[2].computed, again[2].hits, again[2].computed) == (3, 3, 1)
+    np.testing.assert_array_equal(again[0], features)
+    np.testing.assert_array_equal(again[1], patches)

@@ -84,6 +84,7 @@ class Method:
 METHODS = (
     Method("frozen captioner, no prompt", False, False, False, False),
     Method("local-only prompt", False, False, False, False),
+    Method("local-only fused prompt", False, True, False, False),
     Method("FedAvg, full upload", True, False, False, False),
     Method("FedAvg, full upload + DP", True, False, False, True),
     Method("fusion, full upload", True, True, False, False),
@@ -142,9 +143,8 @@ def run_method(bundle: Bundle, clients: list[ClientData], method: Method, run: C
         local = replace(settings, local_epochs=run.local_epochs * run.rounds)
         prompts = []
         for client in clients:
-            trained, _ = train_caption_prompts(
-                captioner, {"prompt": global_prompt}, *client.train, local, generator
-            )
+            params = _client_params(method, global_prompt, {}, bundle.embed_dim, generator)
+            trained, _ = train_caption_prompts(captioner, params, *client.train, local, generator)
             prompts.append({k: v.numpy() for k, v in trained.items()})
     else:
         k = rows_to_send(run.tokens, run.top_k) if method.top_k else run.tokens

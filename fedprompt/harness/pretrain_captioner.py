@@ -35,6 +35,7 @@ from edge_client.bundle import Bundle, sha256_file
 from edge_client.caption_data import caption_features
 from edge_client.caption_search import Decoding, generate
 from edge_client.caption_tokenizer import CaptionTokenizer
+from edge_client.caption_training import caption_labels
 from edge_client.captioner import (
     Captioner,
     CaptionProjection,
@@ -108,15 +109,6 @@ def tiny_t5_spec(settings: CaptionerSettings, vocab_size: int) -> dict:
     return t5_spec(config)
 
 
-def labels_of(tokenizer: CaptionTokenizer, texts: list[str]) -> torch.Tensor:
-    """Padded label ids [N,L] (-100 = ignored), each caption ending with EOS."""
-    ids = [tokenizer.encode(t) for t in texts]
-    out = torch.full((len(ids), max(map(len, ids))), -100, dtype=torch.int64)
-    for row, seq in enumerate(ids):
-        out[row, : len(seq)] = torch.tensor(seq)
-    return out
-
-
 def learning_rate(step: int, settings: CaptionerSettings) -> float:
     if step < settings.warmup_steps:
         return settings.lr * (step + 1) / settings.warmup_steps
@@ -157,7 +149,7 @@ def pretrain_captioner(settings: CaptionerSettings, bundle: Bundle, out_dir: Pat
         texts = [caption(scenes[i], str(rng.choice(TRAIN_STYLES))) for i in batch]
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, settings)
-        loss = captioner.loss(None, features_t[batch], patches_t[batch], labels_of(tokenizer, texts))
+        loss = captioner.loss(None, features_t[batch], patches_t[batch], caption_labels(tokenizer, texts))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(captioner.parameters(), 1.0)
