@@ -98,7 +98,9 @@ class OpenRound:
     accepted: dict[str, Accepted] = field(default_factory=dict)
     spec: dict[str, tuple[int, ...]] | None = None
     silent: set[str] = field(default_factory=set)  # sampled clients no longer waited for
-    refused: set[str] = field(default_factory=set)  # sampled clients whose update was refused: not waited for
+    refused: set[str] = field(
+        default_factory=set
+    )  # sampled clients not waited for: update refused, or task declined
     secure: SecureSession | None = None  # the current secure-aggregation attempt, if any
     attempts: int = 0  # secure-aggregation attempts started (not persisted: a restart starts afresh)
 
@@ -214,6 +216,23 @@ class RoundCoordinator:
             current.payloads[client_id] = encode_tensor_set(tensors, self.config.server.task_encoding)
         return current.payloads[client_id]
 
+    def decline(self, client_id: str, run_id: str, round_id: int, reason: str) -> None:
+        """A device refused the round's task under its own privacy policy: log its one line and stop
+        waiting for it in this round, as for a refused update (the round goes on with the others)."""
+        reason = printable(reason, 300) if reason else "no reason given"
+        with self._cond:
+            current = self._round
+            if run_id != self.run_id or current is None or round_id != current.round_id:
+                raise Refused(
+                    grpc.StatusCode.FAILED_PRECONDITION, f"round {round_id} of {run_id!r} is not open"
+                )
+            if client_id not in current.sampled or client_id in current.accepted:
+                raise Refused(
+                    grpc.StatusCode.FAILED_PRECONDITION, f"not waiting for a task of round {round_id}"
+                )
+        log.warning("round %d: %s refused the task under its privacy policy: %s", round_id, client_id, reason)
+        self._not_waiting_for(client_id, round_id, "which declined the task")
+
     def submit(
         self,
         client_id: str,
@@ -232,7 +251,7 @@ class RoundCoordinator:
             self._submit(client_id, run_id, round_id, num_examples, metrics, privacy, payload, method)
         except Refused as refusal:
             if refusal.code == grpc.StatusCode.INVALID_ARGUMENT:
-                self._not_waiting_for(client_id, round_id, refusal.message)
+                self._not_waiting_for(client_id, round_id, "whose update was refused")
             raise
 
     def _not_waiting_for(self, client_id: str, round_id: int, reason: str) -> None:
@@ -242,7 +261,7 @@ class RoundCoordinator:
                 return
             if client_id not in current.refused and client_id not in current.accepted:
                 current.refused.add(client_id)
-                log.info("round %d: not waiting for %s, whose update was refused", round_id, client_id)
+                log.info("round %d: not waiting for %s, %s", round_id, client_id, reason)
                 self._cond.notify_all()
 
     def _submit(
@@ -533,6 +552,7 @@ class RoundCoordinator:
         masked input went out bring a freshly trained update to it."""
         live = self._live()
         self._note_silent(current, current.sampled - live)
+        live -= current.refused  # a device that declined the task takes no part in the session
         session = current.secure
         if session is not None and session.failure is None:
             session.advance(live, time.time())
@@ -740,6 +760,8 @@ class RoundCoordinator:
     def _epsilon_text(self, epsilon: float | None, delta: float | None) -> str:
         """The devices' largest reported epsilon, named by the run's DP mode and accountant."""
         training = self.config.training
-        if epsilon is None or delta is None or training.dp == "none":
+        if epsilon is None or delta is None:
             return "epsilon n/a"
+        if training.dp == "none":  # reported although the run asks for no DP: shown, not named
+            return f"epsilon {epsilon:.3g} (delta {delta:.0e})"
         return describe_epsilon(epsilon, delta, training.dp, training.accountant)

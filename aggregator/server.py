@@ -220,6 +220,11 @@ class AggregatorService:
         )
         return pb.PushUpdateReply(accepted=True, message=f"update for round {header.round_id} accepted")
 
+    def DeclineTask(self, request: pb.DeclineRequest, call: Call) -> pb.DeclineReply:
+        client_id = self._client(call, request.session)
+        self.coordinator.decline(client_id, request.run_id, request.round_id, request.reason)
+        return pb.DeclineReply(noted=True)
+
     def SecAggStep(self, request: pb.SecAggRequest, call: Call) -> pb.SecAggReply:
         client_id = self._client(call, request.session)
         reply = self.coordinator.secure_step(

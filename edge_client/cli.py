@@ -92,6 +92,57 @@ def client() -> None:
     show_default=True,
     help="Give up after this many seconds without reaching the aggregator (retries use backoff).",
 )
+@click.option(
+    "--privacy-policy",
+    "policy_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="TOML file with this device's privacy floor (see edge_client/privacy-policy.example.toml); "
+    "the flags below override its keys. Kept in the state folder at first start.",
+)
+@click.option("--allow-no-dp", is_flag=True, help='Also accept rounds with dp = "none" (refused by default).')
+@click.option(
+    "--dp-mode",
+    "dp_modes",
+    type=click.Choice(["none", "client", "sample"]),
+    multiple=True,
+    help="A DP mode this device accepts (repeat for several; default: client and sample).",
+)
+@click.option(
+    "--min-noise-multiplier", type=click.FloatRange(min=0), default=None, help="Floor (default 0.5)."
+)
+@click.option(
+    "--max-clip", type=click.FloatRange(min=0), default=None, help="Largest clip accepted (default: any)."
+)
+@click.option(
+    "--max-delta",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=None,
+    help="Largest delta accepted (default 1e-5).",
+)
+@click.option(
+    "--max-epsilon-per-run",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Most epsilon one run may spend.",
+)
+@click.option(
+    "--max-epsilon-lifetime",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Most epsilon over the device's life.",
+)
+@click.option(
+    "--accountant",
+    type=click.Choice(["prv", "rdp"]),
+    default=None,
+    help="The accountant rounds must use (default prv).",
+)
+@click.option(
+    "--accept-weaker-policy",
+    is_flag=True,
+    help="Replace the policy kept in the state folder by a weaker one (refused without this flag).",
+)
 def run(
     address: str,
     bundle: Path,
@@ -107,14 +158,27 @@ def run(
     insecure: bool,
     skip_bad_images: bool,
     connect_timeout: float,
+    policy_file: Path | None,
+    allow_no_dp: bool,
+    dp_modes: tuple[str, ...],
+    min_noise_multiplier: float | None,
+    max_clip: float | None,
+    max_delta: float | None,
+    max_epsilon_per_run: float | None,
+    max_epsilon_lifetime: float | None,
+    accountant: str | None,
+    accept_weaker_policy: bool,
 ) -> None:
     """Join the aggregator's run: enrol, then train each round it is sampled for and upload the
     update, until the run is finished. Image features are computed once and cached; a trained
-    update is kept until the aggregator has it. TLS is used for any non-loopback aggregator."""
+    update is kept until the aggregator has it. TLS is used for any non-loopback aggregator.
+    A task below this device's privacy floor (--privacy-policy and the flags after it) is refused
+    before any training, with one line, and the aggregator is told."""
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # failed handshakes get our one line, not grpc's
     from edge_client.bundle import BundleError
     from edge_client.methods.base import ClientMethod
     from edge_client.methods.registry import CLIENT_METHODS
+    from edge_client.privacy_policy import PolicyError, PolicyGuard, PrivacyPolicy, install_policy
     from edge_client.runtime import AggregatorLink, ClientError, ClientRuntime
     from edge_client.tls import TLSSettingsError, channel_security
     from edge_client.workspace import ClientWorkspace, WorkspaceError
@@ -140,6 +204,22 @@ def run(
         WorkspaceError,
         OSError,
     )
+    try:
+        policy = PrivacyPolicy.from_toml(policy_file) if policy_file else PrivacyPolicy()
+        modes = tuple(dp_modes) or policy.dp_modes
+        policy = policy.with_overrides(
+            dp_modes=(*modes, "none") if allow_no_dp and "none" not in modes else modes,
+            min_noise_multiplier=min_noise_multiplier,
+            max_clip=max_clip,
+            max_delta=max_delta,
+            max_epsilon_per_run=max_epsilon_per_run,
+            max_epsilon_lifetime=max_epsilon_lifetime,
+            accountant=accountant,
+        )
+        for weakening in install_policy(state_dir, policy, accept_weaker_policy):
+            logging.warning("privacy policy weakened by the owner: %s", weakening)
+    except PolicyError as error:
+        raise click.ClickException(str(error)) from None
     link = AggregatorLink(address, patience_s=connect_timeout, security=security)
     try:
         train, held_out = data, eval_data
@@ -153,7 +233,8 @@ def run(
                 raise ClientError(f"the aggregator runs method {method!r}; this client knows {known}")
             return CLIENT_METHODS[method](workspace)
 
-        runtime = ClientRuntime(link, build_method, state_dir, token, name)
+        guard = PolicyGuard(state_dir, policy, len(workspace.train))
+        runtime = ClientRuntime(link, build_method, state_dir, token, name, guard=guard)
         final = runtime.run()
     except user_errors as error:
         raise click.ClickException(

@@ -32,6 +32,7 @@ from edge_client.device_identity import PeerPins, device_identity
 from edge_client.device_run import save_served, save_task
 from edge_client.methods.base import ClientMethod, RoundTask
 from edge_client.pending_upload import PendingUpload, PendingUploadFile
+from edge_client.privacy_policy import PolicyGuard, PolicyRefusal
 from edge_client.secure_upload import GrpcSecureChannel, Outcome, params_from_message, secure_upload
 from edge_client.tls import ChannelSecurity, closed_socket_hint, tls_failure
 from fedprompt.common.codec import CodecError, decode_tensor_set, encode_tensor_set, iter_chunks, join_chunks
@@ -216,9 +217,12 @@ class ClientRuntime:
         token: str | None,
         name: str = "",
         threshold_floor: ThresholdFloor | None = None,
+        guard: PolicyGuard | None = None,
     ) -> None:
         self.link = link
         self.threshold_floor = threshold_floor or ThresholdFloor()
+        self.guard = guard  # the device's privacy floor; `fedprompt client run` always passes one
+        self._declined: tuple[str, int] | None = None  # (run, round) last refused under the policy
         self.make_method = make_method
         self.state_dir = state_dir
         self.token = token
@@ -359,7 +363,14 @@ class ClientRuntime:
         if saved is not None:
             log.info("dropping the unsent update of round %d: the aggregator moved on", saved.round_id)
             self._pending.clear()
-        upload, deadline = self._train(header, payload, deadline)
+        settings = self._settings(header)
+        if self.guard is not None:
+            try:
+                self.guard.admit(header.run_id, header.round_id, TrainingSettings.from_dict(settings))
+            except PolicyRefusal as refusal:
+                self._decline(header, refusal)
+                return
+        upload, deadline = self._train(header, payload, deadline, settings)
         self._pending.save(upload)
         self._send(upload, header, deadline)
 
@@ -414,13 +425,9 @@ class ClientRuntime:
         elif outcome is Outcome.SPENT:
             log.info("round %d: update %s", upload.round_id, outcome.value)
 
-    def _train(self, header: pb.TaskHeader, payload: bytes, deadline: float) -> tuple[PendingUpload, float]:
-        """Runs the method's round while heartbeating; returns the encoded update and the round's
-        latest known deadline."""
-        try:
-            tensors = decode_tensor_set(payload)
-        except CodecError as error:
-            raise ClientError(f"malformed task from the aggregator: {error}") from None
+    @staticmethod
+    def _settings(header: pb.TaskHeader) -> dict:
+        """The task's settings, checked by the one settings dataclass."""
         settings = json.loads(header.settings_json or "{}")
         try:
             TrainingSettings.from_dict(settings)
@@ -429,6 +436,39 @@ class ClientRuntime:
                 f"the aggregator's round settings do not fit this client ({error}); if the aggregator "
                 "runs a newer fedprompt, upgrade the client"
             ) from None
+        return settings
+
+    def _decline(self, header: pb.TaskHeader, refusal: PolicyRefusal) -> None:
+        """A task below the floor: one line here, the reason to the aggregator (which stops waiting
+        for this device in that round), nothing trained or sent; then wait for the next round."""
+        if self._declined != (header.run_id, header.round_id):
+            self._declined = (header.run_id, header.round_id)
+            log.warning("round %d: refused by this device's privacy policy: %s", header.round_id, refusal)
+            request = pb.DeclineRequest(run_id=header.run_id, round_id=header.round_id, reason=str(refusal))
+
+            def rpc(session: str) -> pb.DeclineReply:
+                request.session = session
+                return self.link.stub.DeclineTask(
+                    request, timeout=self.link.rpc_timeout_s, metadata=session_metadata(session)
+                )
+
+            try:
+                self._authenticated("decline", rpc)
+            except grpc.RpcError as error:
+                log.warning(
+                    "round %d: the aggregator did not take the refusal (%s)", header.round_id, error.details()
+                )
+        time.sleep(max(1.0, header.heartbeat_interval_s) * random.uniform(0.8, 1.2))
+
+    def _train(
+        self, header: pb.TaskHeader, payload: bytes, deadline: float, settings: dict
+    ) -> tuple[PendingUpload, float]:
+        """Runs the method's round while heartbeating; returns the encoded update and the round's
+        latest known deadline."""
+        try:
+            tensors = decode_tensor_set(payload)
+        except CodecError as error:
+            raise ClientError(f"malformed task from the aggregator: {error}") from None
         task = RoundTask(
             run_id=header.run_id,
             round_id=header.round_id,

@@ -64,6 +64,11 @@ class AggregatorStub:
                 request_serializer=protos_dot_fedprompt__pb2.SecAggRequest.SerializeToString,
                 response_deserializer=protos_dot_fedprompt__pb2.SecAggReply.FromString,
                 _registered_method=True)
+        self.DeclineTask = channel.unary_unary(
+                '/fedprompt.v1.Aggregator/DeclineTask',
+                request_serializer=protos_dot_fedprompt__pb2.DeclineRequest.SerializeToString,
+                response_deserializer=protos_dot_fedprompt__pb2.DeclineReply.FromString,
+                _registered_method=True)
 
 
 class AggregatorServicer:
@@ -112,6 +117,14 @@ class AggregatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeclineTask(self, request, context):
+        """The device refuses a round's task under its own privacy policy: nothing was trained or will be
+        sent for it; the aggregator logs the reason and stops waiting for this device in that round.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +157,11 @@ def add_AggregatorServicer_to_server(servicer, server):
                     servicer.SecAggStep,
                     request_deserializer=protos_dot_fedprompt__pb2.SecAggRequest.FromString,
                     response_serializer=protos_dot_fedprompt__pb2.SecAggReply.SerializeToString,
+            ),
+            'DeclineTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeclineTask,
+                    request_deserializer=protos_dot_fedprompt__pb2.DeclineRequest.FromString,
+                    response_serializer=protos_dot_fedprompt__pb2.DeclineReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +326,33 @@ class Aggregator:
             '/fedprompt.v1.Aggregator/SecAggStep',
             protos_dot_fedprompt__pb2.SecAggRequest.SerializeToString,
             protos_dot_fedprompt__pb2.SecAggReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeclineTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedprompt.v1.Aggregator/DeclineTask',
+            protos_dot_fedprompt__pb2.DeclineRequest.SerializeToString,
+            protos_dot_fedprompt__pb2.DeclineReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -71,12 +71,15 @@ def client_command(address: str, bundle: Path, data: Path, state: Path, *extra: 
     return [FEDPROMPT, "client", "run", *options, *extra]
 
 
-def start_clients(port: int, bundle: Path, tokens: list[str], tmp_path: Path) -> list[subprocess.Popen]:
-    """One real `fedprompt client run` process per token, each on its own generated ImageFolder."""
+def start_clients(
+    port: int, bundle: Path, tokens: list[str], tmp_path: Path, *policy: str
+) -> list[subprocess.Popen]:
+    """One real `fedprompt client run` process per token, each on its own generated ImageFolder,
+    with the privacy-policy flags given (none: the device's default floor)."""
     clients = []
     for i, token in enumerate(tokens):
         data = write_image_folder(tmp_path / f"d{i}", seed=i)
-        command = client_command(f"127.0.0.1:{port}", bundle, data, tmp_path / f"client{i}")
+        command = client_command(f"127.0.0.1:{port}", bundle, data, tmp_path / f"client{i}", *policy)
         command += ["--token", token, "--connect-timeout", "120"]
         clients.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return clients

@@ -239,6 +239,12 @@ def format_round(summary: dict[str, Any], num_clients: int) -> str:
     )
 
 
+def privacy_floor(training: TrainingSettings) -> list[str]:
+    """The demo devices' privacy policy, passed explicitly: exactly the DP the demo runs."""
+    floor = ["--dp-mode", training.dp, "--min-noise-multiplier", str(training.noise_multiplier)]
+    return [*floor, "--max-clip", str(training.clip), "--max-delta", str(training.delta)]
+
+
 def run_federation(
     workdir: Path, bundle: Path, clients: Sequence[ClientData], settings: DemoSettings
 ) -> list[dict]:
@@ -257,6 +263,7 @@ def run_federation(
                 "client", "run", "--aggregator", f"127.0.0.1:{port}", "--bundle", str(bundle),
                 "--data", str(client.train_dir), "--eval-data", str(client.eval_dir), "--token", token,
                 "--state-dir", str(client.state_dir), "--name", client.name, "--connect-timeout", "60",
+                *privacy_floor(settings.training),
             ]  # fmt: skip
             processes.append(ChildProcess(client.name, args, logs / f"{client.name}.log"))
         click.echo(f"started {len(clients)} client processes (logs in {logs})")
