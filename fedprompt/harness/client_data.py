@@ -16,7 +16,8 @@ import numpy as np
 
 from edge_client.bundle import Bundle
 from edge_client.datasets import ImageSet, load_dataset
-from edge_client.workspace import ClientWorkspace, holdout_split
+from edge_client.device_run import save_classes
+from edge_client.workspace import ClientWorkspace, LabelledFeatures, holdout_split
 from fedprompt.harness.demo import pretraining_images
 from fedprompt.harness.experiment_config import DataConfig, SplitConfig
 from fedprompt.harness.splits import ClientSplit, apply_shift, make_splits
@@ -41,6 +42,7 @@ class SeedClients:
     splits: list[ClientSplit]
     workspaces: list[ClientWorkspace]
     split_id: str
+    unseen: list[LabelledFeatures] | None = None  # held-out images in `split.unseen_shift`
 
     @property
     def domains(self) -> list[str]:
@@ -125,7 +127,9 @@ def seed_clients(
             )
             for s in splits
         ]
-    workspaces = []
+    if split.base_classes:
+        splits = [base_only(s, pools.train.labels, split.base_classes) for s in splits]
+    workspaces, unseen = [], []
     bundle = Bundle.open(bundle_dir)
     tower = bundle.text_tower()
     for s in splits:
@@ -137,13 +141,31 @@ def seed_clients(
         workspaces.append(
             ClientWorkspace(bundle, tower, loaded.class_names, loaded.train, loaded.evaluation, cache_dir)
         )
-    return SeedClients(splits, workspaces, split_id(splits))
+        if split.unseen_shift is not None:
+            moved = shifted(
+                pools.evaluation, s.eval_indices, split.unseen_shift, seed * 10_007 + 7_919 + s.client
+            )
+            unseen.append(
+                ClientWorkspace.load(
+                    bundle_dir, moved, moved, state_dir=cache_dir, precision=precision, progress=False
+                ).evaluation
+            )
+    return SeedClients(splits, workspaces, split_id(splits), unseen if split.unseen_shift else None)
+
+
+def base_only(split: ClientSplit, train_labels: np.ndarray, base_classes: int) -> ClientSplit:
+    """The client's split with only its training images of the first `base_classes` classes."""
+    if base_classes >= int(train_labels.max()) + 1:
+        raise ValueError(f"split.base_classes={base_classes} leaves no new class")
+    kept = split.train_indices[train_labels[split.train_indices] < base_classes]
+    return ClientSplit(split.client, kept, split.eval_indices, split.shift)
 
 
 def fresh_workspace(workspace: ClientWorkspace, state_dir: Path) -> ClientWorkspace:
     """The same bundle, tower and features with an empty state folder: a new device for a new run
     (its own privacy accountant and local prompts), without computing any feature again."""
     state_dir.mkdir(parents=True, exist_ok=False)
+    save_classes(state_dir, workspace.class_names, workspace.bundle.digest)  # as a device's load does
     return ClientWorkspace(
         workspace.bundle,
         workspace.tower,

@@ -29,6 +29,7 @@ from fedprompt.harness.bundle_source import resolve_bundle
 from fedprompt.harness.calibration import calibrate_noise_multiplier
 from fedprompt.harness.client_data import SeedClients, fresh_workspace, load_pools, seed_clients
 from fedprompt.harness.experiment_config import LOCAL_ONLY, ZERO_SHOT, ExperimentConfig, MethodEntry
+from fedprompt.harness.generalisation import mean_scores, scores, served_classifier, zero_shot_classifier
 from fedprompt.harness.in_process import FederationRules, run_federated
 from fedprompt.harness.round_metrics import round_row
 
@@ -151,6 +152,9 @@ def _run_entry(
         on_round(0)
         rows = [round_row(records, dict(zip(names, clients.domains, strict=True)), {**identity, "round": 0})]
         rows[-1]["served_accuracy"] = rows[-1]["accuracy"]  # the hand prompt is all there is
+        rows[-1].update(
+            _generalisation(config, clients, [zero_shot_classifier(ws) for ws in clients.workspaces])
+        )
         return rows
     workspaces = [fresh_workspace(ws, run_dir / f"client-{i}") for i, ws in enumerate(clients.workspaces)]
     if entry.method == LOCAL_ONLY:
@@ -169,7 +173,23 @@ def _run_entry(
         for r in run.rounds
     ]
     rows[-1]["served_accuracy"] = float(np.mean(run.served_accuracy))
+    rows[-1].update(
+        _generalisation(config, clients, [served_classifier(entry.method, ws) for ws in workspaces])
+    )
     return rows
+
+
+def _generalisation(config: ExperimentConfig, clients: SeedClients, classifiers: list) -> dict[str, float]:
+    """Base-to-new and unseen-domain scores of the served classifiers, where the split asks for them."""
+    split = config.split
+    if not split.base_classes and split.unseen_shift is None:
+        return {}
+    unseen = clients.unseen or [None] * len(classifiers)
+    per_client = [
+        scores(classify, ws.evaluation, moved, split.base_classes)
+        for classify, ws, moved in zip(classifiers, clients.workspaces, unseen, strict=True)
+    ]
+    return mean_scores(per_client)
 
 
 def _local_only_rows(

@@ -64,7 +64,13 @@ class SplitConfig:
     """`fedprompt.harness.splits.SplitSettings` (its seed comes from the experiment's seeds), plus
     `evaluation`: "balanced" scores every client on all classes equally in its own domain; "local"
     keeps, of that balanced set, each class in proportion to the client's training labels (the
-    protocol of the DP-FPL and pFedMoAP papers: a client is scored on the classes it holds)."""
+    protocol of the DP-FPL and pFedMoAP papers: a client is scored on the classes it holds).
+
+    Generalisation settings (FedMVP's claims), both scored on the model each client is served:
+    `base_classes` B > 0 splits the classes into base (the first B) and new (the rest): clients
+    train on base-class images only; base and new accuracy are each measured among their own
+    classes (CoCoOp's protocol), with their harmonic mean. `unseen_shift` names a domain no
+    client trains in: every client is also scored on its held-out images moved into it."""
 
     num_clients: int = SplitSettings.num_clients
     scheme: str = SplitSettings.scheme
@@ -74,6 +80,8 @@ class SplitConfig:
     max_train_per_client: int | None = SplitSettings.max_train_per_client
     eval_per_class: int = SplitSettings.eval_per_class
     evaluation: str = "balanced"
+    base_classes: int = 0
+    unseen_shift: str | None = None
 
     def settings(self, seed: int) -> SplitSettings:
         return SplitSettings(
@@ -231,6 +239,12 @@ def _check(config: ExperimentConfig) -> None:
     _require(bool(split.shifts), 'split.shifts must name at least one domain ("clean" for none)')
     bad = [s for s in split.shifts if s not in DOMAIN_SHIFTS]
     _require(not bad, f"unknown split.shifts {bad}; choose from {', '.join(DOMAIN_SHIFTS)}")
+    _require(split.base_classes >= 0, "split.base_classes must be >= 0 (0 = no base-to-new split)")
+    unseen = split.unseen_shift
+    _require(
+        unseen is None or (unseen in DOMAIN_SHIFTS and unseen not in split.shifts),
+        f"split.unseen_shift must be a domain ({', '.join(DOMAIN_SHIFTS)}) that no client trains in",
+    )
     cap = split.max_train_per_client
     _require(
         cap is None or cap >= 1, "split.max_train_per_client must be at least 1 (leave it out for no cap)"

@@ -185,6 +185,8 @@ def markdown_summary(results: ExperimentResults) -> str:
         "| --- | --- | --- | --- | --- | --- |",
         *[_method_line(results, entry.label) for entry in config.methods],
     ]
+    if split.base_classes or split.unseen_shift is not None:
+        lines += ["", *_generalisation_table(results)]
     if config.claims:
         lines += ["", "| paper | claim | measured by fedprompt | holds here? |", "| --- | --- | --- | --- |"]
         for claim in config.claims:
@@ -192,3 +194,36 @@ def markdown_summary(results: ExperimentResults) -> str:
             metrics = f"{claim.subject_metric} vs {claim.reference_metric}"
             lines.append(f"| {claim.paper} | {claim.claim} | {measured} ({metrics}) | {verdict} |")
     return "\n".join(lines) + "\n"
+
+
+GENERALISATION = {
+    "served_base": "base",
+    "served_new": "new",
+    "served_hm": "H (base, new)",
+    "served_unseen": "unseen domain",
+}
+
+
+def _generalisation_table(results: ExperimentResults) -> list[str]:
+    """Served accuracy on base and new classes and their harmonic mean, and on the unseen domain."""
+    split = results.config.split
+    said = []
+    if split.base_classes:
+        said.append(
+            f"clients trained on the first {split.base_classes} classes only; base and new accuracy each "
+            "among their own classes, H their harmonic mean"
+        )
+    if split.unseen_shift is not None:
+        said.append(f"unseen domain: held-out images in {split.unseen_shift}, a domain no client trained in")
+    columns = [c for c in GENERALISATION if any(c in r and r[c] is not None for r in results.rows)]
+    lines = [
+        f"Generalisation, served models ({'; '.join(said)}):",
+        "",
+        "| method | " + " | ".join(GENERALISATION[c] for c in columns) + " |",
+        "| --- |" + " --- |" * len(columns),
+    ]
+    for entry in results.config.methods:
+        finals = final_rows(results.rows, entry.label).values()
+        cells = [_spread([r[c] for r in finals if r.get(c) is not None]) for c in columns]
+        lines.append(f"| {entry.label} | " + " | ".join(cells) + " |")
+    return lines
