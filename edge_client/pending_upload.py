@@ -27,6 +27,7 @@ from protos import fedprompt_pb2 as pb
 log = logging.getLogger("fedprompt.client")
 PENDING_FILE = "pending-update.bin"
 REFUSAL_FILE = "pending-update.refused"
+TRAINING_FILE = "training-round"
 _LENGTH = struct.Struct(">I")
 
 
@@ -53,6 +54,7 @@ class PendingUploadFile:
         self.path = Path(state_dir) / PENDING_FILE
         self._spent = self.path.with_name(PENDING_FILE + ".spent")
         self.refusal_path = Path(state_dir) / REFUSAL_FILE
+        self.training_path = Path(state_dir) / TRAINING_FILE
 
     def mark_spent(self) -> None:
         """Its masked input is about to leave in a secure session: it must never be summed again."""
@@ -66,6 +68,19 @@ class PendingUploadFile:
         header = upload.header.SerializeToString()
         self.refusal_path.unlink(missing_ok=True)
         write_atomically(self.path, _LENGTH.pack(len(header)) + header + upload.payload)
+        self.training_path.unlink(missing_ok=True)
+
+    def mark_training(self, run_id: str, round_id: int) -> bool:
+        """Note that training for this round starts (until `save`); True if a training of the same
+        round was already noted: it was interrupted (the device was killed), and its privacy cost,
+        counted before it started, is paid again by this one."""
+        mark = f"{run_id} {round_id}"
+        try:
+            interrupted = self.training_path.read_text() == mark
+        except FileNotFoundError:
+            interrupted = False
+        write_atomically(self.training_path, mark.encode())
+        return interrupted
 
     def mark_refused(self, reason: str) -> None:
         """Keep the saved update, marked as refused for `reason`."""

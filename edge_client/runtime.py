@@ -370,6 +370,12 @@ class ClientRuntime:
             except PolicyRefusal as refusal:
                 self._decline(header, refusal)
                 return
+        if self._pending.mark_training(header.run_id, header.round_id):
+            log.warning(
+                "round %d: training again: its last training was interrupted before its update was "
+                "saved; under local DP this round's privacy cost is paid a second time",
+                header.round_id,
+            )
         upload, deadline = self._train(header, payload, deadline, settings)
         self._pending.save(upload)
         self._send(upload, header, deadline)

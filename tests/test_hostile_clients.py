@@ -5,7 +5,9 @@ daemon logs it and goes on, and the committed state stays exactly what the hones
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import re
 import subprocess
 import sys
@@ -30,6 +32,14 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from test_federated import client_command, write_image_folder
 
+from aggregator.config import (
+    AggregationConfig,
+    AggregatorConfig,
+    ConfigError,
+    RoundConfig,
+    SecureAggregationConfig,
+    ServerConfig,
+)
 from aggregator.store import SQLiteStore
 from protos import fedprompt_pb2 as pb
 from protos import fedprompt_pb2_grpc as pb_grpc
@@ -154,8 +164,12 @@ def test_each_kind_of_bad_input_is_refused_with_a_clear_status_and_the_round_goe
             "wrong run": (dict(tensors={"ctx": good}, num_examples=1, run_id="run-forged"), PRECONDITION),
         }
         for reason, (update, code) in bad_pushes.items():
-            details = refused(lambda update=update: sender.push(1, **update), code)
-            assert details and "\n" not in details, reason
+            with pytest.raises(grpc.RpcError) as error:
+                sender.push(1, **update)
+            assert error.value.code() == code, error.value.details()
+            assert error.value.details() and "\n" not in error.value.details(), reason
+            final = dict(error.value.trailing_metadata() or ()).get("fedprompt-refusal") == "final"
+            assert final == (reason == "unknown method"), reason  # no update of another method can fit
         refused(lambda: sender.push_chunks([pb.UpdateChunk(data=b"x")]), INVALID)  # no header first
         header = pb.UpdateChunk(header=pb.UpdateHeader(session=sender.session, payload_bytes=1))
         refused(lambda: sender.push_chunks([header, header]), INVALID)  # a second header
@@ -608,3 +622,40 @@ def test_down_bytes_count_a_task_pulled_before_a_restart_of_the_daemon(tmp_path:
     record = SQLiteStore(tmp_path / "state.sqlite", read_only=True).rounds()[1]
     assert record.metrics["bytes_down_per_client"] == tasks[0].payload_bytes > 0
     assert {client.bytes_down for client in record.clients} == {tasks[0].payload_bytes}
+
+
+def test_every_numeric_config_value_has_a_range_checked_at_start() -> None:
+    """Each numeric key of each section, set just outside its range, is one ConfigError naming it."""
+    for section in (ServerConfig, RoundConfig, AggregationConfig, SecureAggregationConfig):
+        numeric = [f.name for f in dataclasses.fields(section) if f.type in ("int", "float")]
+        assert sorted(numeric) == sorted(section.RANGES), section.NAME
+        for name, allowed in section.RANGES.items():
+            outside = allowed.low - 1 if allowed.low > -math.inf else allowed.high * 2
+            kind = type(getattr(section(), name))
+            with pytest.raises(ConfigError) as error:
+                dataclasses.replace(
+                    AggregatorConfig(), **{section.NAME: section(**{name: kind(outside)})}
+                ).check()
+            (line,) = str(error.value).splitlines()
+            assert line.startswith(f"{section.NAME}.{name} must be in "), line
+
+
+def test_a_device_killed_while_training_says_it_pays_for_the_round_again(tmp_path: Path) -> None:
+    rules = {**ROUNDS, "min_clients": 1, "min_fit": 1, "min_updates": 1}
+    server, tokens = start(tmp_path, 1, rules)
+    (tmp_path / "tokens").write_text(tokens[0])
+    args = (server.address, tmp_path / "tokens", tmp_path / "clients", 0, 1)
+    first = LightClients(*args, "--train-s", "60")
+    again = None
+    try:
+        first.wait_for_log(r"trained round 1")  # training has started (and, under DP, been paid for)
+        first.kill()
+        again = LightClients(*args, "--train-s", "0.1")
+        assert again.wait(60) == 0, again.log[-3000:]
+        assert again.count(r"round 1: training again: its last training was interrupted") == 1
+        assert first.count(r"training again") == 0
+        server.wait_for_log(r"round 1/1 committed: 1 clients")
+    finally:
+        for process in (first, again, server):
+            if process is not None:
+                process.kill()
