@@ -143,6 +143,14 @@ def client() -> None:
     is_flag=True,
     help="Replace the policy kept in the state folder by a weaker one (refused without this flag).",
 )
+@click.option(
+    "--secagg-min-threshold",
+    type=click.IntRange(min=2),
+    default=3,
+    show_default=True,
+    help="Secure aggregation: refuse a session whose threshold is below this or below a majority "
+    "of this device's neighbourhood (whatever the aggregator announces).",
+)
 def run(
     address: str,
     bundle: Path,
@@ -168,6 +176,7 @@ def run(
     max_epsilon_lifetime: float | None,
     accountant: str | None,
     accept_weaker_policy: bool,
+    secagg_min_threshold: int,
 ) -> None:
     """Join the aggregator's run: enrol, then train each round it is sampled for and upload the
     update, until the run is finished. Image features are computed once and cached; a trained
@@ -185,6 +194,7 @@ def run(
     from fedprompt.common.codec import CodecError
     from fedprompt.common.network import AddressError
     from fedprompt.common.privacy import BudgetExceeded, PrivacyStateError
+    from fedprompt.common.secagg.policy import ThresholdFloor
     from fedprompt.common.settings import SettingsError
 
     logging.basicConfig(
@@ -233,8 +243,11 @@ def run(
                 raise ClientError(f"the aggregator runs method {method!r}; this client knows {known}")
             return CLIENT_METHODS[method](workspace)
 
+        floor = ThresholdFloor(minimum=secagg_min_threshold)
         guard = PolicyGuard(state_dir, policy, len(workspace.train))
-        runtime = ClientRuntime(link, build_method, state_dir, token, name, guard=guard)
+        runtime = ClientRuntime(
+            link, build_method, state_dir, token, name, guard=guard, threshold_floor=floor
+        )
         final = runtime.run()
     except user_errors as error:
         raise click.ClickException(

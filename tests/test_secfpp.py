@@ -26,6 +26,7 @@ from fedprompt.common.secagg import Quantizer, SecAggConfig
 from fedprompt.common.secagg.loopback import run_loopback
 from fedprompt.common.secure_round import SecureRoundParams, SumLayout
 from fedprompt.common.settings import TrainingSettings
+from fedprompt.harness.experiment_config import load_experiment_config
 from fedprompt.harness.in_process import FederationRules, run_federated
 from fedprompt.harness.round_metrics import round_row
 
@@ -131,6 +132,19 @@ def test_a_cluster_under_the_minimum_size_is_not_released_and_its_clients_join_a
     np.testing.assert_allclose(state["domain"], np.full((1, 1, 2), 1.0))  # no trace of slot 1's prompts
     np.testing.assert_allclose(state["centroids"][0], np.mean(points[:4], axis=0), atol=1e-6)
     assert all(nearest(p, state["centroids"].astype(np.float64)) == 0 for p in points[4:])
+
+
+def test_the_secfpp_rows_config_repeats_the_results_table_setting() -> None:
+    experiments = Path(__file__).parents[1] / "fedprompt/harness/experiments"
+    results = load_experiment_config(experiments / "results.toml")
+    rows = load_experiment_config(experiments / "results-secfpp.toml")
+    for part in ("seeds", "data", "bundle", "split", "rounds"):
+        assert getattr(rows, part) == getattr(results, part), part
+    for label in ("SecFPP", "SecFPP + DP-SGD"):
+        ours, theirs = rows.entry(label), results.entry(label)
+        assert (ours.method, ours.settings) == (theirs.method, theirs.settings)
+    matched = results.entry(results.entry("SecFPP + DP-SGD").match_epsilon_of).target_epsilon
+    assert rows.entry("SecFPP + DP-SGD").target_epsilon == matched
 
 
 def write_toml(path: Path, method: str, extra: str = "") -> Path:
