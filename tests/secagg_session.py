@@ -9,8 +9,9 @@ import numpy as np
 
 from fedprompt.common.secagg.client import SecAggClient
 from fedprompt.common.secagg.config import SecAggConfig
+from fedprompt.common.secagg.graph import neighbourhoods
 from fedprompt.common.secagg.loopback import enrolled_clients
-from fedprompt.common.secagg.messages import ShareDelivery, SignedSurvivors, UnmaskRequest
+from fedprompt.common.secagg.messages import Roster, ShareDelivery, SignedSurvivors, UnmaskRequest
 from fedprompt.common.secagg.server import SecAggServer
 
 SESSION = b"run-7/round-3"
@@ -71,3 +72,12 @@ def until_signed(
     for client in clients.values():
         server.add_survivor_signature(wire(client.sign_survivors(request)))
     return clients, server, request, wire(server.signed_survivors())
+
+
+def roster_graph(
+    config: SecAggConfig, ids: Iterable[int], session: bytes = SESSION, seed: bytes = SEED
+) -> dict[int, frozenset[int]]:
+    """The neighbour graph a seeded session over `ids` will use (it depends on the clients' keys)."""
+    clients = seeded_clients(config, ids, session, seed)
+    roster = Roster(session, tuple(client.advertise() for client in clients.values()))
+    return neighbourhoods(clients, config.degree, roster.graph_seed)

@@ -2,18 +2,18 @@
 clients over the loopback transport (every message serialised): padded survivor lists, a
 threshold below the devices' floor, substituted peer keys and split survivor views. In each, the
 honest clients refuse before revealing the shares the attack needs, so the target's input cannot
-be recovered."""
+be recovered. The SecAgg+ graph is drawn from the members' fresh keys, not only from the session
+id the aggregator chooses."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
-from secagg_session import SEED, SESSION, quantised_inputs
+from secagg_session import SEED, SESSION, quantised_inputs, roster_graph
 
 from fedprompt.common.secagg.config import SecAggConfig
 from fedprompt.common.secagg.errors import RefusedError, TooManyDropoutsError
-from fedprompt.common.secagg.graph import neighbourhoods
 from fedprompt.common.secagg.identity import DeviceIdentity, advertisement_payload
 from fedprompt.common.secagg.loopback import LoopbackDriver, LoopbackRun, enrolled_clients, run_loopback
 from fedprompt.common.secagg.messages import (
@@ -78,7 +78,7 @@ def test_a_survivor_list_padded_with_strangers_or_declaring_real_peers_dropped_i
     n: int, threshold: int, degree: int | None
 ) -> None:
     config = SecAggConfig(vector_length=16, threshold=threshold, degree=degree)
-    neighbours = neighbourhoods(range(n), degree, SESSION)[TARGET]
+    neighbours = roster_graph(config, range(n))[TARGET]
 
     class Padding(MaliciousDriver):
         def request_for(self, client_id: int, request: UnmaskRequest) -> UnmaskRequest:
@@ -174,3 +174,11 @@ def test_split_survivor_views_never_give_both_secrets_of_the_target() -> None:
     assert not target_recoverable(run, config, frozenset(everyone[1:]))
     assert seeds.get(TARGET, 0) == len(seen_alive) - 1  # the majority's view was consistent, and
     # the target's self-mask seed alone is useless while its pairwise masks stay
+
+
+def test_the_secagg_plus_graph_comes_from_the_members_keys_not_from_the_aggregators_session_id() -> None:
+    config = SecAggConfig(vector_length=16, threshold=4, degree=6)
+    graph = roster_graph(config, range(16))
+    assert roster_graph(config, range(16)) == graph  # every party computes the same graph
+    # the same session id with other clients' fresh keys: another graph the aggregator did not pick
+    assert roster_graph(config, range(16), seed=bytes(range(1, 33))) != graph

@@ -15,6 +15,7 @@ from secagg_session import (
     SESSION,
     plain_sum,
     quantised_inputs,
+    roster_graph,
     seeded_clients,
     until_masking,
     until_signed,
@@ -30,7 +31,6 @@ from fedprompt.common.secagg.errors import (
     TooManyDropoutsError,
     UnmaskRefusedError,
 )
-from fedprompt.common.secagg.graph import neighbourhoods
 from fedprompt.common.secagg.identity import advertisement_payload, survivors_payload
 from fedprompt.common.secagg.loopback import DropStage, enrolled_clients, run_loopback
 from fedprompt.common.secagg.messages import (
@@ -108,7 +108,10 @@ def test_one_dropout_too_many_fails_with_a_clear_error(stage: DropStage) -> None
 def test_secagg_plus_graph_survives_dropouts_inside_every_neighbourhood() -> None:
     config = SecAggConfig(vector_length=64, threshold=4, degree=6)
     inputs = quantised_inputs(config, range(20))
-    dropouts = {2: DropStage.BEFORE_UPLOAD, 9: DropStage.BEFORE_UPLOAD, 17: DropStage.BEFORE_UNMASKING}
+    graph = roster_graph(config, range(20))
+    # three clients of which no survivor has more than 6 - 4 = 2 as neighbours
+    last = next(i for i in range(3, 20) if all(len(graph[j] & {2, 9, i}) <= 2 for j in range(20)))
+    dropouts = {2: DropStage.BEFORE_UPLOAD, 9: DropStage.BEFORE_UPLOAD, last: DropStage.BEFORE_UNMASKING}
 
     run = run_loopback(config, inputs, SESSION, dropouts, seed=SEED)
 
@@ -283,7 +286,7 @@ def test_server_refuses_bad_uploads_and_responses_and_the_round_goes_on() -> Non
 def test_server_leaves_out_clients_whose_neighbourhood_fell_below_the_threshold() -> None:
     config = SecAggConfig(vector_length=32, threshold=4, degree=8)
     ids = range(24)
-    graph = neighbourhoods(ids, config.degree, SESSION)
+    graph = roster_graph(config, ids)
     gone = sorted(graph[0])[:5]  # client 0 keeps 3 of its 8 neighbours: too few to recover its secrets
     inputs = quantised_inputs(config, ids)
     # devices configured below the majority floor (a device setting), so that the exclusion of

@@ -169,7 +169,7 @@ class SecAggClient:
         """Round 1: Shamir shares of the self-mask seed and the mask key, encrypted per neighbour."""
         self._expect(_Stage.SHARE_KEYS)
         peers = self._check_roster(roster)
-        neighbours = neighbourhoods(peers, self.config.degree, roster.session_id)[self.client_id]
+        neighbours = neighbourhoods(peers, self.config.degree, roster.graph_seed)[self.client_id]
         self.floor.check(self.config.threshold, len(neighbours) + 1)
         for peer in sorted(neighbours):
             self._check_keys(peers[peer])

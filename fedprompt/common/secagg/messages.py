@@ -14,6 +14,7 @@ Round 4  server -> all     SignedSurvivors    the survivors' signatures of the r
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import ClassVar, Self
 
@@ -106,6 +107,17 @@ class Roster(_Message):
     KIND: ClassVar[int] = 2
     session_id: bytes
     advertisements: tuple[KeyAdvertisement, ...]
+
+    @property
+    def graph_seed(self) -> bytes:
+        """What the SecAgg+ neighbour graph is drawn from: the session id and every member's fresh
+        session keys, which the clients chose after the aggregator chose the session id, so the
+        aggregator cannot pick the graph by choosing session ids (only by leaving clients out)."""
+        digest = hashlib.sha256(b"fedprompt-secagg-v1/graph-seed" + len(self.session_id).to_bytes(4, "big"))
+        digest.update(self.session_id)
+        for ad in sorted(self.advertisements, key=lambda a: a.client_id):
+            digest.update(ad.client_id.to_bytes(ID_BYTES, "big") + ad.mask_public_key + ad.share_public_key)
+        return digest.digest()
 
     def _write(self, writer: Writer) -> None:
         writer.blob(self.session_id).items(self.advertisements, lambda w, a: a._write(w))

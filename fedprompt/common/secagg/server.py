@@ -106,9 +106,10 @@ class SecAggServer:
                 f"{len(self._advertisements)} clients advertised keys; threshold {self.config.threshold} "
                 "needs at least threshold + 1"
             )
-        self._neighbours = neighbourhoods(self._advertisements, self.config.degree, self.session_id)
+        roster = Roster(self.session_id, tuple(self._advertisements[i] for i in sorted(self._advertisements)))
+        self._neighbours = neighbourhoods(self._advertisements, self.config.degree, roster.graph_seed)
         self._stage = _Stage.SHARE
-        return Roster(self.session_id, tuple(self._advertisements[i] for i in sorted(self._advertisements)))
+        return roster
 
     # Round 1
 
