@@ -53,6 +53,13 @@ def aggregator() -> None:
     "--port", type=int, default=None, help="Port (config: server.port, default 50051; 0 = any free)."
 )
 @STATE_OPTION
+@click.option(
+    "--metrics",
+    "metrics_address",
+    default=None,
+    help="HOST:PORT serving Prometheus metrics at /metrics (config: server.metrics_address, default off; "
+    "port 0 = any free, printed in the log).",
+)
 @click.option("--rounds", type=int, default=None, help="Rounds to run (config: rounds.rounds, default 10).")
 @click.option(
     "--min-clients", type=int, default=None, help="Live clients needed to start a round (default 2)."
@@ -65,6 +72,7 @@ def serve(
     host: str | None,
     port: int | None,
     state: Path | None,
+    metrics_address: str | None,
     rounds: int | None,
     min_clients: int | None,
     round_timeout: float | None,
@@ -72,7 +80,8 @@ def serve(
     """Run the aggregator: wait for clients, run the rounds, then keep serving the final prompt
     until SIGTERM/SIGINT. Restarting with the same config (even after kill -9) resumes the run,
     and the open round with the updates it had accepted. Outside loopback it listens only with
-    TLS ([server] tls_cert/tls_key; `fedprompt aggregator certs` makes them)."""
+    TLS ([server] tls_cert/tls_key; `fedprompt aggregator certs` makes them). The standard gRPC
+    health service (grpc.health.v1.Health/Check) answers on the same port."""
     from aggregator.server import serve as run_daemon
 
     logging.basicConfig(
@@ -80,7 +89,12 @@ def serve(
     )
     try:
         config = load_config(config_path).with_overrides(
-            {"host": host, "port": port, "state": None if state is None else str(state)},
+            {
+                "host": host,
+                "port": port,
+                "state": None if state is None else str(state),
+                "metrics_address": metrics_address,
+            },
             {"rounds": rounds, "min_clients": min_clients, "round_timeout_s": round_timeout},
         )
         run_daemon(config)
@@ -94,23 +108,65 @@ def serve(
 @CONFIG_OPTION
 @STATE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the rounds as JSON instead of a table.")
-def status(config_path: Path | None, state: Path | None, as_json: bool) -> None:
+@click.option(
+    "--watch",
+    "watch_s",
+    type=click.FloatRange(0.1),
+    is_flag=False,
+    flag_value=2.0,
+    default=None,
+    help="Refresh the table every S seconds (`--watch` alone: 2) until Ctrl-C, with the open round's "
+    "progress; waits for a state file that does not exist yet.",
+)
+def status(config_path: Path | None, state: Path | None, as_json: bool, watch_s: float | None) -> None:
     """Print the run and the metrics of every committed round."""
-    try:
-        store = SQLiteStore(state_path(config_path, state), read_only=True)
-        info, records = store.run_info(), store.rounds()
-    except StoreError as error:
-        raise click.ClickException(str(error)) from None
+    path = state_path(config_path, state)
+    if watch_s is None:
+        try:
+            click.echo(_status_json(path) if as_json else _status_table(path))
+        except StoreError as error:
+            raise click.ClickException(str(error)) from None
+        return
     if as_json:
-        rows = [{"round": r.round_id, "committed_at": r.committed_at, **r.metrics} for r in records]
-        click.echo(json.dumps({"run_id": info.run_id if info else None, "rounds": rows}, indent=2))
-        return
+        raise click.UsageError("--watch refreshes the table; for machines, scrape server.metrics_address")
+    try:
+        while True:
+            try:
+                text = _status_table(path, with_open_round=True)
+            except StoreError as error:
+                text = f"waiting: {error}"
+            if click.get_text_stream("stdout").isatty():
+                click.clear()
+            click.echo(f"{time.strftime('%H:%M:%S')}  {path}  (every {watch_s:g} s, Ctrl-C stops)\n{text}")
+            time.sleep(watch_s)
+    except KeyboardInterrupt:
+        pass
+
+
+def _status_json(path: Path) -> str:
+    store = SQLiteStore(path, read_only=True)
+    try:
+        info, records = store.run_info(), store.rounds()
+    finally:
+        store.close()
+    rows = [{"round": r.round_id, "committed_at": r.committed_at, **r.metrics} for r in records]
+    return json.dumps({"run_id": info.run_id if info else None, "rounds": rows}, indent=2)
+
+
+def _status_table(path: Path, with_open_round: bool = False) -> str:
+    """The run's committed rounds as a table; with `with_open_round`, a last line on the round in
+    progress (sampled clients, updates stored, deadline)."""
+    store = SQLiteStore(path, read_only=True)
+    try:
+        info, records = store.run_info(), store.rounds()
+        current = store.open_round() if with_open_round else None
+    finally:
+        store.close()
     if info is None:
-        click.echo("no run yet")
-        return
-    click.echo(f"run {info.run_id}  method {info.method}  {len(records)} round(s) committed")
+        return "no run yet"
+    lines = [f"run {info.run_id}  method {info.method}  {len(records)} round(s) committed"]
     header = ("round", "clients", "examples", "accuracy", "up KB", "down KB", "epsilon")
-    click.echo(" ".join(f"{name:>8}" for name in header))
+    lines.append(" ".join(f"{name:>8}" for name in header))
     for record in records:
         m = record.metrics
         accuracy = m["client_metrics"].get("accuracy")
@@ -124,7 +180,14 @@ def status(config_path: Path | None, state: Path | None, as_json: bool) -> None:
             f"{m['bytes_down_per_client'] / 1024:.1f}",
             "-" if epsilon is None else f"{epsilon:.3g}",
         )
-        click.echo(" ".join(f"{cell:>8}" for cell in cells))
+        lines.append(" ".join(f"{cell:>8}" for cell in cells))
+    if current is not None:
+        left = max(0.0, current.deadline_unix - time.time())
+        lines.append(
+            f"round {current.round_id} open: {len(current.updates)}/{len(current.sampled)} sampled "
+            f"clients' updates stored, deadline in {left:.0f} s"
+        )
+    return "\n".join(lines)
 
 
 @aggregator.group()

@@ -77,6 +77,9 @@ class ServerConfig(Section):
     idle_timeout_s: float = 30.0  # so is one with a longer gap between messages (chunks) or reads
     task_encoding: str = "fp32"  # how global tensors travel to clients
     update_encoding: str = "fp16"  # how clients must encode updates (fp16: 16 KB for a 16x512 prompt)
+    metrics_address: str = (
+        ""  # HOST:PORT serving Prometheus metrics at /metrics ("" = off, port 0 = any free)
+    )
 
     NAME = "server"
     RANGES: ClassVar[dict[str, Interval]] = {
@@ -112,6 +115,11 @@ class ServerConfig(Section):
             bool(self.tls_cert) or self.allow_insecure or is_loopback(self.host),
             f"server.host {self.host} is not loopback: set server.tls_cert and server.tls_key "
             "(`fedprompt aggregator certs` makes them) or, knowingly, server.allow_insecure = true",
+        )
+        host, colon, port = self.metrics_address.rpartition(":")
+        _require(
+            not self.metrics_address or (bool(colon and host) and port.isdigit() and int(port) <= 65535),
+            f"server.metrics_address must be HOST:PORT (port 0 = any free), got {self.metrics_address!r}",
         )
         for name in ("task_encoding", "update_encoding"):
             value = getattr(self, name)

@@ -15,6 +15,7 @@ import math
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -147,6 +148,7 @@ class RoundCoordinator:
         self._stopping = False
         self._round: OpenRound | None = None
         self._summed: SecureSession | None = None  # the last summed session: tells its clients "done"
+        self.on_commit: list[Callable[[RoundRecord], None]] = []  # called after each commit (metrics)
         self._load()
 
     def _load(self) -> None:
@@ -165,6 +167,15 @@ class RoundCoordinator:
     @property
     def finished(self) -> bool:
         return self.committed >= self.rules.rounds
+
+    def live_count(self) -> int:
+        with self._cond:
+            return len(self._live())
+
+    @property
+    def open_round_id(self) -> int:
+        current = self._round
+        return 0 if current is None else current.round_id
 
     def enroll(self, token: str, name: str, device_key: bytes = b"") -> tuple[str, str]:
         name = printable(name)  # kept and logged: no control characters, bounded
@@ -430,6 +441,8 @@ class RoundCoordinator:
             self.global_state, self.committed = record.tensors, record.round_id
             self._cond.notify_all()
         self._log_round(record)
+        for listener in self.on_commit:
+            listener(record)
         return True
 
     def _accepted(self, pending: PendingUpdate, tensors: dict[str, np.ndarray]) -> Accepted:

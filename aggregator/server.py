@@ -20,6 +20,8 @@ from google.protobuf.message import DecodeError, Message
 
 from aggregator.config import AggregatorConfig
 from aggregator.door import Call, Door
+from aggregator.health import HealthServicer, add_health
+from aggregator.metrics import AggregatorMetrics
 from aggregator.rounds import Refused, RoundCoordinator, Task
 from aggregator.store import SQLiteStore
 from aggregator.tls import security_label, server_credentials
@@ -56,11 +58,13 @@ _HANDLER_KINDS = {False: grpc.stream_unary_rpc_method_handler, True: grpc.stream
 the door, not gRPC, waits for them."""
 
 
-def _tolerant(message_class: type[Message]) -> Callable[[bytes], Message | Malformed]:
-    """A deserializer that returns MALFORMED instead of raising: grpc would answer a raising one
-    with INTERNAL and a traceback in the log; the handler answers INVALID_ARGUMENT in one line."""
+def _tolerant(message_class: type[Message], counter: Any) -> Callable[[bytes], Message | Malformed]:
+    """A deserializer that counts the bytes (`counter`) and returns MALFORMED instead of raising:
+    grpc would answer a raising one with INTERNAL and a traceback in the log; the handler answers
+    INVALID_ARGUMENT in one line."""
 
     def parse(data: bytes) -> Message | Malformed:
+        counter.inc(len(data))
         try:
             return message_class.FromString(data)
         except DecodeError:
@@ -69,15 +73,29 @@ def _tolerant(message_class: type[Message]) -> Callable[[bytes], Message | Malfo
     return parse
 
 
+def _counted(counter: Any) -> Callable[[Message], bytes]:
+    """A serializer that counts the bytes it sends."""
+
+    def serialize(message: Message) -> bytes:
+        data = message.SerializeToString()
+        counter.inc(len(data))
+        return data
+
+    return serialize
+
+
 def add_service(service: AggregatorService, server: grpc.Server) -> None:
     """Register every RPC of fedprompt.v1.Aggregator (read from the .proto's descriptor) behind
-    the door, with tolerant deserializers."""
+    the door, with tolerant deserializers; wire bytes are counted per RPC."""
     descriptor = pb.DESCRIPTOR.services_by_name["Aggregator"]
+    metrics = service.metrics
     handlers = {
         method.name: _HANDLER_KINDS[method.server_streaming](
             _through_door(service, method.name, method.client_streaming, method.server_streaming),
-            request_deserializer=_tolerant(getattr(pb, method.input_type.name)),
-            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+            request_deserializer=_tolerant(
+                getattr(pb, method.input_type.name), metrics.bytes_in.labels(method.name)
+            ),
+            response_serializer=_counted(metrics.bytes_out.labels(method.name)),
         )
         for method in descriptor.methods
     }
@@ -94,8 +112,9 @@ def _well_formed(request: Any) -> Any:
 def _through_door(service: AggregatorService, name: str, streams_in: bool, streams_out: bool) -> Callable:
     """The handler `name` behind the door. `Refused` (and malformed request bytes) becomes its gRPC
     status plus a log line, any unexpected error INTERNAL plus a log line, so that one bad request
-    never crashes the daemon."""
+    never crashes the daemon. Each refusal is counted by its status code."""
     handler = getattr(service, name)
+    refused = service.metrics.refused
 
     def serve_call(request_stream: Iterator[Any], context: grpc.ServicerContext) -> Any:
         try:
@@ -111,6 +130,7 @@ def _through_door(service: AggregatorService, name: str, streams_in: bool, strea
             return call.responses(result) if streams_out else result
         except Refused as refusal:
             log.warning("%s refused for %s: %s", name, context.peer(), refusal.message)
+            refused.labels(name, refusal.code.name).inc()
             if refusal.final:
                 context.set_trailing_metadata(((REFUSAL_METADATA, "final"),))
             context.abort(refusal.code, refusal.message)
@@ -120,9 +140,11 @@ def _through_door(service: AggregatorService, name: str, streams_in: bool, strea
                 name,
                 context.peer(),
             )
+            refused.labels(name, grpc.StatusCode.CANCELLED.name).inc()
             context.abort(grpc.StatusCode.CANCELLED, "request stream ended early")
         except Exception:
             log.exception("%s failed for %s", name, context.peer())
+            refused.labels(name, grpc.StatusCode.INTERNAL.name).inc()
             context.abort(grpc.StatusCode.INTERNAL, "internal error in the aggregator; see its log")
 
     return serve_call
@@ -132,8 +154,9 @@ class AggregatorService:
     """Implements fedprompt.v1.Aggregator on top of a RoundCoordinator: each handler takes the
     request (or the stream of request messages) and the door's `Call`."""
 
-    def __init__(self, coordinator: RoundCoordinator) -> None:
+    def __init__(self, coordinator: RoundCoordinator, metrics: AggregatorMetrics | None = None) -> None:
         self.coordinator = coordinator
+        self.metrics = AggregatorMetrics() if metrics is None else metrics
         self.server_config = coordinator.config.server
         self.rules = coordinator.config.rounds
         self.door = Door(self.server_config, coordinator.store)
@@ -218,6 +241,7 @@ class AggregatorService:
             payload,
             header.method,
         )
+        self.metrics.updates_accepted.inc()
         return pb.PushUpdateReply(accepted=True, message=f"update for round {header.round_id} accepted")
 
     def DeclineTask(self, request: pb.DeclineRequest, call: Call) -> pb.DeclineReply:
@@ -279,9 +303,11 @@ def _secure_message(params: SecureRoundParams) -> pb.SecureAggregation:
     )
 
 
-def start_server(coordinator: RoundCoordinator) -> tuple[grpc.Server, int]:
-    """Binds and starts the gRPC server (TLS when configured); returns it with the bound port
-    (useful with port 0)."""
+def start_server(
+    coordinator: RoundCoordinator, metrics: AggregatorMetrics
+) -> tuple[grpc.Server, int, HealthServicer]:
+    """Binds and starts the gRPC server (TLS when configured) with the Aggregator and the standard
+    health service; returns it with the bound port (useful with port 0) and the health servicer."""
     config = coordinator.config.server
     credentials = server_credentials(coordinator.config)
     server = grpc.server(
@@ -289,8 +315,8 @@ def start_server(coordinator: RoundCoordinator) -> tuple[grpc.Server, int]:
         options=grpc_message_options(config.max_message_bytes),
         maximum_concurrent_rpcs=config.max_calls,
     )
-    service = AggregatorService(coordinator)
-    add_service(service, server)
+    add_service(AggregatorService(coordinator, metrics), server)
+    health = add_health(server, pb.DESCRIPTOR.services_by_name["Aggregator"].full_name)
     address = f"{config.host}:{config.port}"
     try:
         if credentials is None:
@@ -304,18 +330,42 @@ def start_server(coordinator: RoundCoordinator) -> tuple[grpc.Server, int]:
             grpc.StatusCode.UNAVAILABLE, f"cannot listen on {address} (in use or not a local address)"
         )
     server.start()
-    return server, port
+    return server, port, health
+
+
+def _serve_metrics(config: AggregatorConfig, coordinator: RoundCoordinator) -> tuple[AggregatorMetrics, Any]:
+    """The daemon's metrics, bound to the coordinator, and their HTTP server (None when
+    `server.metrics_address` is empty)."""
+    metrics = AggregatorMetrics()
+    metrics.watch(lambda: coordinator.committed, lambda: coordinator.open_round_id, coordinator.live_count)
+    metrics.restored(coordinator.run_id, coordinator.store.latest_round().metrics)
+    coordinator.on_commit.append(lambda record: metrics.round_committed(coordinator.run_id, record.metrics))
+    address = config.server.metrics_address
+    if not address:
+        return metrics, None
+    try:
+        http, port = metrics.serve(address)
+    except OSError as error:
+        raise Refused(grpc.StatusCode.UNAVAILABLE, f"cannot serve metrics on {address}: {error}") from None
+    host = address.rpartition(":")[0]
+    if not is_loopback(host.strip("[]")):
+        log.warning("metrics on %s are plain HTTP without authentication (counts only, no client ids)", host)
+    log.info("metrics on http://%s:%d/metrics", host, port)
+    return metrics, http
 
 
 def serve(config: AggregatorConfig, ready: Callable[[int], None] | None = None) -> None:
-    """Runs the daemon until SIGTERM/SIGINT: rounds first, then serving the final model."""
+    """Runs the daemon until SIGTERM/SIGINT: rounds first, then serving the final model. The
+    health service says SERVING until it stops or the round driver fails."""
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     store = SQLiteStore(config.state_path)
+    http = None
     try:
         coordinator = RoundCoordinator(store, config)
-        server, port = start_server(coordinator)
+        metrics, http = _serve_metrics(config, coordinator)
+        server, port, health = start_server(coordinator, metrics)
         security = security_label(config)
         if security == "plaintext" and not is_loopback(config.server.host):
             log.warning(
@@ -348,10 +398,13 @@ def serve(config: AggregatorConfig, ready: Callable[[int], None] | None = None) 
         driver.start()
         stop.wait()
         log.info("stopping")
+        health.enter_graceful_shutdown()
         coordinator.stop()
         server.stop(grace=2).wait()
         driver.join(timeout=5)
         if failures:
             raise RuntimeError(f"the round driver failed: {failures[0]}")
     finally:
+        if http is not None:
+            http.shutdown()
         store.close()
