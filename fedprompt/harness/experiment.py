@@ -24,6 +24,7 @@ from aggregator.store import ClientRoundRecord
 from edge_client.torch_threads import torch_threads
 from edge_client.workspace import ClientWorkspace
 from fedprompt.common.settings import TrainingSettings
+from fedprompt.harness.audit import AuditRow, audit_entry
 from fedprompt.harness.baselines import local_only_rounds, zero_shot_accuracy
 from fedprompt.harness.bundle_source import resolve_bundle
 from fedprompt.harness.calibration import calibrate_noise_multiplier
@@ -54,6 +55,7 @@ class ExperimentResults:
     rows: list[dict[str, Any]] = field(default_factory=list)
     runs: list[RunSummary] = field(default_factory=list)
     splits: dict[int, dict[str, Any]] = field(default_factory=dict)
+    audit: list[AuditRow] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -78,6 +80,9 @@ def _run_all(config: ExperimentConfig, out_dir: Path, progress: bool) -> Experim
             clients = seed_clients(pools, config.split, seed, results.bundle, cache, config.bundle.precision)
             results.splits[seed] = _describe_split(clients)
             _run_seed(config, seed, clients, out_dir / "runs" / f"seed-{seed}", results, bar)
+            if config.audit is not None:
+                bar.set_postfix_str(f"seed {seed}: privacy audit")
+                _audit_seed(config, seed, clients, out_dir / "runs" / f"seed-{seed}" / "audit", results)
     results.seconds = time.perf_counter() - started
     return results
 
@@ -112,6 +117,34 @@ def _run_seed(
         if epsilons:
             spent[entry.label] = max(epsilons)
         results.runs.append(RunSummary(entry.label, seed, time.perf_counter() - started, noise, calibration))
+
+
+def _audit_seed(
+    config: ExperimentConfig, seed: int, clients: SeedClients, audit_dir: Path, results: ExperimentResults
+) -> None:
+    """The privacy audit of every federated entry on this seed's clients (its own runs)."""
+    spent: dict[str, float] = {}  # as in the comparison: what an epsilon-matching entry matches
+    for row in results.rows:
+        if row["seed"] == seed and row["epsilon"] is not None:
+            spent[row["method"]] = max(spent.get(row["method"], 0.0), row["epsilon"])
+    for index, entry in enumerate(config.methods):
+        if entry.federated:
+            settings, _ = _seeded_settings(entry, seed, clients, spent, config.rounds.rounds)
+            run_dir = audit_dir / _slug(index, entry.label)
+            row = audit_entry(
+                entry.label, settings, clients.workspaces, _rules(config, seed), config.audit, run_dir
+            )
+            results.audit.append(row)
+
+
+def _rules(config: ExperimentConfig, seed: int) -> FederationRules:
+    return FederationRules(
+        rounds=config.rounds.rounds,
+        fraction=config.rounds.fraction,
+        seed=seed,
+        task_encoding=config.rounds.task_encoding,
+        update_encoding=config.rounds.update_encoding,
+    )
 
 
 def _seeded_settings(
@@ -159,13 +192,7 @@ def _run_entry(
     workspaces = [fresh_workspace(ws, run_dir / f"client-{i}") for i, ws in enumerate(clients.workspaces)]
     if entry.method == LOCAL_ONLY:
         return _local_only_rows(workspaces, settings, config, clients.domains, identity, on_round)
-    rules = FederationRules(
-        rounds=config.rounds.rounds,
-        fraction=config.rounds.fraction,
-        seed=identity["seed"],
-        task_encoding=config.rounds.task_encoding,
-        update_encoding=config.rounds.update_encoding,
-    )
+    rules = _rules(config, identity["seed"])
     run = run_federated(entry.method, settings, workspaces, rules, run_dir / "aggregator.sqlite", on_round)
     domains = dict(zip(run.client_ids, clients.domains, strict=True))
     rows = [

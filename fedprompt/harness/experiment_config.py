@@ -143,6 +143,19 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The membership-inference audit (`fedprompt.harness.audit`), run on every federated
+    PromptFL entry after the comparison. `trials`: canary trials per entry (half with the
+    canaries), `canaries`: mislabelled examples a canary trial inserts into one device's data,
+    `confidence` of the Clopper-Pearson bounds, `fpr` at which the attacks' TPR is reported."""
+
+    trials: int = 200
+    canaries: int = 8
+    confidence: float = 0.95
+    fpr: float = 0.01
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str
     seeds: tuple[int, ...]
@@ -153,6 +166,7 @@ class ExperimentConfig:
     rounds: RoundsConfig
     methods: tuple[MethodEntry, ...]
     claims: tuple[Claim, ...] = ()
+    audit: AuditConfig | None = None
     base_dir: Path = field(default_factory=Path.cwd)
 
     def entry(self, label: str) -> MethodEntry:
@@ -177,7 +191,9 @@ class ExperimentConfig:
         return done
 
 
-TOP_LEVEL = {"name", "seeds", "threads", "data", "bundle", "split", "rounds", "training", "methods", "claims"}
+TOP_LEVEL = {
+    "name", "seeds", "threads", "data", "bundle", "split", "rounds", "training", "methods", "claims", "audit"
+}  # fmt: skip
 
 
 def load_experiment_config(path: str | Path) -> ExperimentConfig:
@@ -222,6 +238,7 @@ def parse_experiment_config(data: dict[str, Any], base_dir: Path, default_name: 
         rounds=_section(RoundsConfig, data.get("rounds", {}), "rounds"),
         methods=methods,
         claims=tuple(_claim(item, i) for i, item in enumerate(_tables(data, "claims"))),
+        audit=_section(AuditConfig, data["audit"], "audit") if "audit" in data else None,
         base_dir=base_dir,
     )
     _check(config)
@@ -229,6 +246,15 @@ def parse_experiment_config(data: dict[str, Any], base_dir: Path, default_name: 
 
 
 def _check(config: ExperimentConfig) -> None:
+    audit = config.audit
+    if audit is not None:
+        _require(audit.trials >= 20 and audit.trials % 4 == 0, "audit.trials must be a multiple of 4, >= 20")
+        _require(audit.canaries >= 1, "audit.canaries must be at least 1")
+        _require(
+            0.5 <= audit.confidence < 1 and 0 < audit.fpr < 1, "audit.confidence in [0.5, 1), fpr in (0, 1)"
+        )
+        audited = [e for e in config.methods if e.federated]
+        _require(all(e.method == "promptfl" for e in audited), "the audit attacks PromptFL prompts only")
     split, rounds, data = config.split, config.rounds, config.data
     _require(split.num_clients >= 2, "split.num_clients must be at least 2")
     _require(split.scheme in ("dirichlet", "pathological"), "split.scheme must be dirichlet or pathological")

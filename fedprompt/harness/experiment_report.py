@@ -41,6 +41,7 @@ def write_metrics(results: ExperimentResults, out_dir: Path) -> tuple[Path, Path
         "splits": {str(seed): split for seed, split in results.splits.items()},
         "runs": [asdict(run) for run in results.runs],
         "rows": results.rows,
+        "audit": [row.as_dict() for row in results.audit],
         "seconds": results.seconds,
     }
     json_path.write_text(json.dumps(document, indent=2) + "\n")
@@ -193,6 +194,8 @@ def markdown_summary(results: ExperimentResults) -> str:
             measured, verdict = judge_claim(results, claim)
             metrics = f"{claim.subject_metric} vs {claim.reference_metric}"
             lines.append(f"| {claim.paper} | {claim.claim} | {measured} ({metrics}) | {verdict} |")
+    if results.audit:
+        lines += ["", *audit_table(results)]
     return "\n".join(lines) + "\n"
 
 
@@ -226,4 +229,32 @@ def _generalisation_table(results: ExperimentResults) -> list[str]:
         finals = final_rows(results.rows, entry.label).values()
         cells = [_spread([r[c] for r in finals if r.get(c) is not None]) for c in columns]
         lines.append(f"| {entry.label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def audit_table(results: ExperimentResults) -> list[str]:
+    """The privacy audit's table (`fedprompt.harness.audit`): attacks and canaries per entry."""
+    audit = results.config.audit
+    confidence, fpr = f"{audit.confidence:.0%}", f"{audit.fpr:.0%}"
+    lines = [
+        f"Privacy audit (members: a seeded half of each client's images; TPR at {fpr} FPR; "
+        f"canaries: {audit.trials} one-round trials of one device, {audit.canaries} mislabelled "
+        f"examples in half of them; empirical ε: {confidence} Clopper-Pearson lower bound, held to "
+        "the accounted ε of one round):",
+        "",
+        "| method | accounted ε of the run (one round) | attack on uploads: AUC / TPR | attack on the served "
+        "prompt: AUC / TPR | empirical ε from canaries |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in results.audit:
+        settings = results.config.entry(row.label).settings
+        if row.epsilon_run is None:
+            accounted = "∞ (no DP)"
+        else:
+            named = short_label(settings.dp, settings.accountant)
+            accounted = f"{row.epsilon_run:.2f} ({row.epsilon_round:.2f}) at δ {row.delta:g}, {named}"
+        lines.append(
+            f"| {row.label} (seed {row.seed}) | {accounted} | {row.upload_auc:.3f} / {row.upload_tpr:.3f} | "
+            f"{row.served_auc:.3f} / {row.served_tpr:.3f} | {row.empirical_epsilon:.2f} |"
+        )
     return lines

@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from aggregator.config import AggregatorConfig, MethodConfig, RoundConfig, ServerConfig
 from aggregator.rounds import RoundCoordinator
 from aggregator.store import RoundRecord, SQLiteStore
@@ -87,6 +89,9 @@ class _Driver(threading.Thread):
             self.error = error
 
 
+UploadHook = Callable[[int, int, dict[str, np.ndarray], dict[str, np.ndarray]], None]
+
+
 @dataclass(frozen=True)
 class FederatedRun:
     """The committed rounds as the store has them, each workspace's client id, and the accuracy
@@ -104,10 +109,12 @@ def run_federated(
     rules: FederationRules,
     state: Path,
     on_round: Callable[[int], None] | None = None,
+    on_upload: UploadHook | None = None,
 ) -> FederatedRun:
     """Play `rules.rounds` rounds of `method` over the clients' workspaces; the store at `state`
     (which must not exist yet) keeps everything the daemon would. `on_round(round_id)` is called
-    after each commit."""
+    after each commit, `on_upload(client index, round, tensors received, tensors sent)` with what
+    the server receives from each client (the decoded wire payload; the privacy audit's view)."""
     if state.exists():
         raise FileExistsError(f"{state} exists; an in-process run starts from a fresh state")
     config = rules.aggregator_config(method, settings, len(workspaces), state)
@@ -132,7 +139,9 @@ def run_federated(
         driver.start()
         uploads = SecureUploads(coordinator, {client_id: identity for client_id, _, identity in enrolled})
         try:
-            _play_clients(coordinator, sessions, clients, rules.update_encoding, driver, uploads, on_round)
+            _play_clients(
+                coordinator, sessions, clients, rules.update_encoding, driver, uploads, on_round, on_upload
+            )
         finally:
             coordinator.stop()
             driver.join()
@@ -152,6 +161,7 @@ def _play_clients(
     driver: _Driver,
     uploads: SecureUploads,
     on_round: Callable[[int], None] | None,
+    on_upload: UploadHook | None = None,
 ) -> None:
     """Poll as the devices do until the run is finished: train when told to, else wait briefly."""
     settings = json.loads(coordinator.client_settings_json)
@@ -179,6 +189,9 @@ def _play_clients(
             result = clients[client_id].run_round(round_task)
             payload = encode_tensor_set(result.tensors, update_encoding)
             trained = True
+            if on_upload is not None:
+                index = next(i for i, (cid, _) in enumerate(sessions) if cid == client_id)
+                on_upload(index, task.round_id, round_task.tensors, decode_tensor_set(payload))
             if task.secure is not None:
                 uploads.start(client_id, task, decode_tensor_set(payload), result)
                 continue
