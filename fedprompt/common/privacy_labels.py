@@ -6,16 +6,21 @@ No opacus here, so the aggregator can label the epsilons devices report without 
 from __future__ import annotations
 
 ACCOUNTANT_KINDS = ("prv", "rdp")
-ACCOUNTANT_NAMES = {"prv": "opacus PRV", "rdp": "opacus RDP"}
+ACCOUNTANT_NAMES = {"prv": "opacus PRV", "rdp": "opacus RDP", "skellam": "Skellam RDP (Agarwal et al. 2021)"}
 SHORT_ADJACENCY = {
     "client": "client-level, replace-one",
     "sample": "sample-level, add/remove",
     "global": "replace-one",
+    "distributed": "client-level, replace-one, secure sum",
 }
 ADJACENCY = {
     "client": "client-level, replace-one adjacency: a device's whole local dataset",
     "sample": "sample-level, add/remove adjacency: one example of a device",
     "global": "client-level, replace-one adjacency: one client's update, against all but the aggregator",
+    "distributed": (
+        "client-level, replace-one adjacency: one client's update, against the aggregator and the "
+        "released model, the sum's noise counted at the secure-aggregation threshold of survivors"
+    ),
 }
 
 
