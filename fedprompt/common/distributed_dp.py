@@ -136,6 +136,22 @@ class SkellamConfig:
     def sampler(self, source: BitSource | None = None) -> SkellamSampler:
         return SkellamSampler(self.device_lambda, source)
 
+    def check_session(self, threshold: int, modulus_bits: int, vector_length: int) -> None:
+        """Refuse a secure-aggregation session that could recover a sum with less noise than
+        accounted (a threshold below this one's) or that does not carry these integers. fedprompt's
+        SecAgg has every signer check `threshold` other uploaders, so a recovered sum holds at
+        least threshold + 1 inputs: requiring threshold >= this one's is conservative by one."""
+        if threshold < self.threshold:
+            raise DistributedConfigError(
+                f"the session's threshold {threshold} is below the {self.threshold} survivors the noise "
+                "is sized for: a sum of fewer devices would carry less noise than accounted"
+            )
+        if modulus_bits != self.modulus_bits or vector_length != self.dim:
+            raise DistributedConfigError(
+                f"the session sums {vector_length} values modulo 2**{modulus_bits}, "
+                f"the noise is configured for {self.dim} modulo 2**{self.modulus_bits}"
+            )
+
 
 def conditional_round(scaled: np.ndarray, l2_bound_sq: int, rng: np.random.Generator) -> np.ndarray:
     """Unbiased randomised rounding to int64, redrawn until the squared norm is <= l2_bound_sq."""
@@ -163,6 +179,17 @@ def privatize(
     clipped = clip_to_norm({"update": vector}, config.clip)[0]["update"]
     rounded = conditional_round(clipped * config.scale, config.l2_bound_sq, rng or secure_rng())
     return rounded + sampler.samples(config.dim)
+
+
+def masked_input(
+    update: np.ndarray,
+    config: SkellamConfig,
+    sampler: SkellamSampler,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """The device's input to secure aggregation: its DP output in Z_{2**bits}, noise already in
+    (integer noise added in the integer domain, before any masking)."""
+    return to_ring(privatize(update, config, sampler, rng), config.modulus_bits)
 
 
 def to_ring(values: np.ndarray, bits: int) -> np.ndarray:
