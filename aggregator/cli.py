@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from aggregator.config import ConfigError, load_config
+from aggregator.config import ConfigError, ServerConfig, load_config
 from aggregator.rounds import Refused
 from aggregator.store import SQLiteStore, StoreError
 
@@ -35,6 +35,8 @@ CONFIG_OPTION = click.option(
 def state_path(config_path: Path | None, state: Path | None) -> Path:
     if state is not None:
         return state
+    if config_path is None:
+        return Path(ServerConfig().state).resolve()
     try:
         return load_config(config_path).state_path
     except ConfigError as error:

@@ -1,11 +1,14 @@
 """The aggregator's configuration: a TOML file with documented defaults, overridable by flags.
 
 Sections: [server] (network, TLS, limits, state file), [rounds] (how rounds are scheduled),
-[method] (which method), [aggregation] (how the server combines updates, robust rules),
-[secure_aggregation] (opt-in SecAgg/SecAgg+ over the network), [training] (parsed by
-`fedprompt.common.settings.TrainingSettings`, the one settings class both halves read, and sent to
-clients as JSON in every task). Unknown keys and bad values are errors with one line, because a
-typo must not silently run with a default.
+[method] (which method, and the bundle the run uses: the path of its manifest.json),
+[aggregation] (how the server combines updates, robust rules), [secure_aggregation] (opt-in
+SecAgg/SecAgg+ over the network), [training] (the core `TrainingSettings` every method reads) and
+the chosen method's own sections, `[<method>]` (its client settings) and `[<method>.server]` (its
+server settings), as its spec declares them (`fedprompt.common.methods`). Tasks carry [training]
+and `[<method>]`; the server section stays here. The config is checked against the method's spec
+at start (DP mode, secure aggregation, bundle capabilities, settings of another method). Unknown
+keys and bad values are errors with one line, because a typo must not silently run with a default.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ from typing import Any, ClassVar
 
 from aggregator.strategies.combine import RULES
 from aggregator.validation import Interval
+from fedprompt.common.bundle_dims import BundleDims, BundleDimsError
 from fedprompt.common.codec import ENCODINGS
-from fedprompt.common.methods import METHOD_NAMES
+from fedprompt.common.methods import METHOD_NAMES, RunSettings, TaskSettings
+from fedprompt.common.methods.spec import owner_of
 from fedprompt.common.network import is_loopback
-from fedprompt.common.settings import SettingsError, TrainingSettings
+from fedprompt.common.settings import SettingsError
 
 
 class ConfigError(ValueError):
@@ -182,10 +187,19 @@ class RoundConfig(Section):
 
 @dataclass(frozen=True)
 class MethodConfig:
+    """Which method, and which bundle the run uses (its folder or its manifest.json, relative to
+    the config file's folder): the aggregator sizes the global state from it before round 1 and
+    every task names its digest."""
+
     name: str = "promptfl"
+    bundle: str = ""
 
     def check(self) -> None:
         _require(self.name in METHOD_NAMES, f"method.name must be one of {', '.join(METHOD_NAMES)}")
+        _require(
+            bool(self.bundle),
+            "method.bundle must name the run's bundle (the manifest.json `fedprompt export` wrote)",
+        )
 
 
 @dataclass(frozen=True)
@@ -264,12 +278,27 @@ class AggregatorConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
-    training: TrainingSettings = field(default_factory=TrainingSettings)
+    settings: RunSettings | None = None  # None: the method's defaults
     base_dir: Path = field(default_factory=Path.cwd)
+
+    def __post_init__(self) -> None:
+        if self.settings is None:
+            object.__setattr__(self, "settings", RunSettings(TaskSettings(self.method.name)))
 
     @property
     def state_path(self) -> Path:
         return self.path(self.server.state)
+
+    @property
+    def bundle_path(self) -> Path:
+        return self.path(self.method.bundle)
+
+    def bundle_dims(self) -> BundleDims:
+        """The run's model as its manifest describes it; ConfigError (one line) when unreadable."""
+        try:
+            return BundleDims.read(self.bundle_path)
+        except BundleDimsError as error:
+            raise ConfigError(f"method.bundle: {error}") from None
 
     def path(self, value: str) -> Path:
         """A path from the config, relative to the config file's folder."""
@@ -281,6 +310,17 @@ class AggregatorConfig:
         self.method.check()
         self.aggregation.check()
         self.secure_aggregation.check()
+        _require(
+            self.settings.method == self.method.name,
+            f"settings are for method {self.settings.method}, the run uses {self.method.name}",
+        )
+        spec = self.settings.spec
+        try:
+            spec.check_task(self.settings.task)
+            spec.check_secure_aggregation(self.secure_aggregation.enabled)
+            spec.check_capabilities(self.bundle_dims().capabilities, f"bundle {self.method.bundle}")
+        except SettingsError as error:
+            raise ConfigError(str(error)) from None
         if self.secure_aggregation.enabled:
             _require(
                 self.aggregation == AggregationConfig(),
@@ -333,9 +373,10 @@ def _section(cls: type, values: Any, section: str) -> Any:
 
 
 def load_config(path: str | Path | None) -> AggregatorConfig:
-    """Read a TOML config (None = all defaults, state in the current folder)."""
+    """Read a TOML config (None = all defaults, state in the current folder; not checked yet: it
+    names no bundle, which `serve` needs, so `with_overrides` checks it)."""
     if path is None:
-        return AggregatorConfig().check()
+        return AggregatorConfig()
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -343,24 +384,52 @@ def load_config(path: str | Path | None) -> AggregatorConfig:
         raise ConfigError(f"cannot read config {path}: {error.strerror}") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
-    sections = {"server", "rounds", "method", "aggregation", "secure_aggregation", "training"}
+    server = _section(ServerConfig, data.get("server", {}), "server")
+    rounds = _section(RoundConfig, data.get("rounds", {}), "rounds")
+    method = _section(MethodConfig, data.get("method", {}), "method")
+    if method.name not in METHOD_NAMES:
+        method.check()  # one line naming the methods; the rest is checked with the whole config
+    sections = {"server", "rounds", "method", "aggregation", "secure_aggregation", "training", method.name}
+    others = sorted(set(data) & set(METHOD_NAMES) - {method.name})
+    if others:
+        raise ConfigError(f"[{others[0]}] configures another method; this run uses {method.name}")
     unknown = sorted(set(data) - sections)
     if unknown:
         raise ConfigError(
             f"unknown section(s) in {path}: {', '.join(unknown)}; known: {', '.join(sorted(sections))}"
         )
-    try:
-        training = TrainingSettings.from_dict(data.get("training", {}))
-    except SettingsError as error:
-        raise ConfigError(f"[training]: {error}") from None
     return AggregatorConfig(
-        server=_section(ServerConfig, data.get("server", {}), "server"),
-        rounds=_section(RoundConfig, data.get("rounds", {}), "rounds"),
-        method=_section(MethodConfig, data.get("method", {}), "method"),
+        server=server,
+        rounds=rounds,
+        method=method,
+        settings=_run_settings(method.name, data),
         aggregation=_section(AggregationConfig, data.get("aggregation", {}), "aggregation"),
         secure_aggregation=_section(
             SecureAggregationConfig, data.get("secure_aggregation", {}), "secure_aggregation"
         ),
-        training=training,
         base_dir=path.resolve().parent,
     ).check()
+
+
+def _run_settings(method: str, data: dict[str, Any]) -> RunSettings:
+    """[training], [<method>] and [<method>.server] as the method's spec reads them."""
+    core = data.get("training", {})
+    own = data.get(method, {})
+    for name, value in (("training", core), (method, own)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"[{name}] must be a table")
+    client = {key: value for key, value in own.items() if key != "server"}
+    server = own.get("server", {})
+    if not isinstance(server, dict):
+        raise ConfigError(f"[{method}.server] must be a table")
+    misplaced = sorted(key for key in core if owner_of(key) is not None)
+    if misplaced:
+        owner = owner_of(misplaced[0])
+        where = f"[{owner}] or [{owner}.server]" if owner == method else f"method {owner}'s section"
+        raise ConfigError(
+            f"[training]: setting {misplaced[0]!r} is not a core setting; it belongs in {where}"
+        )
+    try:
+        return RunSettings.from_sections(method, core, client, server)
+    except SettingsError as error:
+        raise ConfigError(str(error)) from None

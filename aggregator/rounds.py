@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from aggregator.config import AggregatorConfig, ConfigError
+from aggregator.config import AggregatorConfig
 from aggregator.secure_rounds import (
     SecureRounds,
     SecureSession,
@@ -97,7 +97,6 @@ class OpenRound:
     extensions: int = 0
     payloads: dict[str, bytes] = field(default_factory=dict)
     accepted: dict[str, Accepted] = field(default_factory=dict)
-    spec: dict[str, tuple[int, ...]] | None = None
     silent: set[str] = field(default_factory=set)  # sampled clients no longer waited for
     refused: set[str] = field(
         default_factory=set
@@ -109,6 +108,13 @@ class OpenRound:
         return OpenRoundState(
             self.round_id, sorted(self.sampled), self.deadline_unix, self.extensions, self.started_at
         )
+
+
+def _listed(shapes: dict[str, tuple[int, ...]], most: int = 8) -> str:
+    """Names and shapes for a refusal line, bounded (an update may carry any number of names)."""
+    items = [f"{name[:64]!r}: {shape}" for name, shape in sorted(shapes.items())[:most]]
+    more = f", ... {len(shapes) - most} more" if len(shapes) > most else ""
+    return "{" + ", ".join(items) + more + "}"
 
 
 def _weighted_means(accepted: list[Accepted]) -> dict[str, float]:
@@ -129,20 +135,19 @@ class RoundCoordinator:
         self.store = store
         self.config = config
         self.rules = config.rounds
-        settings = config.training.to_dict()
-        self.settings_json = json.dumps(settings, sort_keys=True)  # the run's identity in the store
-        self.client_settings_json = json.dumps(config.training.for_clients(), sort_keys=True)
+        settings = config.settings
+        self.settings_json = json.dumps(settings.identity(), sort_keys=True)  # the run's identity
+        self.client_settings_json = json.dumps(settings.task.to_dict(), sort_keys=True)  # what tasks carry
+        dims = config.bundle_dims()
+        self.bundle_digest = dims.digest
+        self.update_shapes = settings.spec.expected_update(settings.task, dims)  # fixed for the run
         aggregation = config.aggregation
         combiner = UpdateCombiner(aggregation.rule, aggregation.trim_fraction, aggregation.norm_bound)
         self.strategy = SERVER_STRATEGIES[config.method.name](settings, combiner=combiner)
         self.secure = SecureRounds(config, self.strategy) if config.secure_aggregation.enabled else None
-        if self.strategy.needs_secure_aggregation and self.secure is None:
-            raise ConfigError(
-                f"method {config.method.name} runs only with [secure_aggregation] enabled = true "
-                "(without it the server would see every client's upload)"
-            )
-        initial = RoundRecord(0, self.strategy.initial_state(), self.strategy.state_dict())
-        self.run_id = store.open_run(config.method.name, self.settings_json, initial).run_id
+        state = settings.spec.initial_state(settings.task, dims)
+        initial = RoundRecord(0, state, self.strategy.state_dict())
+        self.run_id = store.open_run(config.method.name, self.settings_json, dims.digest, initial).run_id
         self._cond = threading.Condition()
         self._last_seen: dict[str, float] = {}
         self._stopping = False
@@ -321,17 +326,16 @@ class RoundCoordinator:
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"not sampled for round {round_id}")
             if client_id in current.accepted:
                 raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"update for round {round_id} already received")
-            shapes = {name: tensor.shape for name, tensor in tensors.items()}
-            spec = current.spec or self.strategy.update_spec(self.global_state)
-            if spec is not None and shapes != spec:
+            shapes = {name: tuple(tensor.shape) for name, tensor in tensors.items()}
+            if shapes != self.update_shapes:
                 raise Refused(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"update tensors {shapes} do not match {spec}"
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"update tensors {_listed(shapes)} do not match this run's {_listed(self.update_shapes)}",
                 )
             self._check_norm(tensors)
             bytes_down = len(self._task_payload(current, client_id))
             pending = PendingUpdate(client_id, num_examples, metrics, privacy, payload, bytes_down)
             self.store.add_pending_update(round_id, pending)  # before the client hears "accepted"
-            current.spec = shapes
             current.accepted[client_id] = self._accepted(pending, tensors)
             self._cond.notify_all()
         log.info("round %d: update from %s (%d examples)", round_id, client_id, num_examples)
@@ -477,7 +481,6 @@ class RoundCoordinator:
         for pending in state.updates:
             tensors = decode_tensor_set(pending.payload)
             current.accepted[pending.client_id] = self._accepted(pending, tensors)
-            current.spec = {name: tensor.shape for name, tensor in tensors.items()}
         self.store.save_open_round(current.persisted())
         self._last_seen.update((client, time.monotonic()) for client in current.sampled)
         log.info(
@@ -614,7 +617,7 @@ class RoundCoordinator:
             current.deadline_unix = time.time() + self.rules.round_timeout_s
             self.store.save_open_round(current.persisted())
         current.attempts += 1
-        layout = expected_layout(self.strategy.update_spec(self.global_state))
+        layout = expected_layout(self.update_shapes)
         current.secure = self.secure.start(
             self.run_id,
             current.round_id,
@@ -766,13 +769,16 @@ class RoundCoordinator:
                 record.round_id,
                 self.rules.rounds,
                 describe_epsilon(
-                    global_epsilon, m["strategy"]["global_delta"], "global", self.config.training.accountant
+                    global_epsilon,
+                    m["strategy"]["global_delta"],
+                    "global",
+                    self.config.settings.core.accountant,
                 ),
             )
 
     def _epsilon_text(self, epsilon: float | None, delta: float | None) -> str:
         """The devices' largest reported epsilon, named by the run's DP mode and accountant."""
-        training = self.config.training
+        training = self.config.settings.core
         if epsilon is None or delta is None:
             return "epsilon n/a"
         if training.dp == "none":  # reported although the run asks for no DP: shown, not named

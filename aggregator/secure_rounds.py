@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Sequence
 import grpc
 import numpy as np
 
-from aggregator.config import AggregatorConfig, ConfigError, SecureAggregationConfig
+from aggregator.config import AggregatorConfig, SecureAggregationConfig
 from aggregator.strategies.base import ServerStrategy
 from fedprompt.common.secagg import (
     KeyAdvertisement,
@@ -356,11 +356,7 @@ class SecureRounds:
     """Starts the sessions of a run whose rounds are securely aggregated."""
 
     def __init__(self, config: AggregatorConfig, strategy: ServerStrategy) -> None:
-        if not strategy.sums_suffice:
-            raise ConfigError(
-                f"method {strategy.name} needs every individual update; it cannot run with "
-                "[secure_aggregation] enabled"
-            )
+        """`config` was checked against the method's spec: the method allows secure aggregation."""
         self.settings = config.secure_aggregation
         self.example_cap = float(self.settings.example_cap) if strategy.weighs_by_examples else 0.0
         self.max_message_bytes = config.server.max_message_bytes

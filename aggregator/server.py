@@ -207,6 +207,7 @@ class AggregatorService:
         if task.status == "train":
             header.method = self.coordinator.config.method.name
             header.settings_json = self.coordinator.client_settings_json
+            header.bundle_digest = self.coordinator.bundle_digest
             header.deadline_unix = task.deadline_unix
             header.deadline_in_s = task.deadline_in_s
             header.payload_bytes = len(task.payload)

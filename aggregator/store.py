@@ -7,6 +7,9 @@ written in ONE transaction that also clears the open round, so a crash leaves ei
 round or none of it; the daemon resumes the open round with the updates it had accepted, and no
 update is applied twice. Secrets (tokens, sessions) are stored only as SHA-256 hashes.
 
+The file carries its schema version (SQLite's user_version); an older file is migrated forward in
+one transaction when the daemon opens it (`MIGRATIONS`), so a pre-upgrade state resumes.
+
 Durability: committed rounds, tokens and enrolments are fsynced (synchronous=FULL). An accepted
 update is written with synchronous=NORMAL: it survives a crash of the daemon (kill -9) but not a
 power cut before the next fsync, in which case its client is simply asked for it again.
@@ -28,6 +31,9 @@ from typing import Any
 import numpy as np
 
 from fedprompt.common.codec import decode_tensor_set, encode_tensor_set
+from fedprompt.common.methods import RunSettings
+from fedprompt.common.methods.spec import owner_of
+from fedprompt.common.settings import TrainingSettings
 
 
 class StoreError(RuntimeError):
@@ -42,8 +48,9 @@ class AuthError(StoreError):
 class RunInfo:
     run_id: str
     method: str
-    settings_json: str
+    settings_json: str  # the run's identity (`RunSettings.identity`)
     created_at: float
+    bundle_digest: str = ""  # sha256 of the bundle's manifest.json
 
 
 @dataclass
@@ -107,9 +114,9 @@ class Store(ABC):
     """What the daemon and the tools need from persistent state."""
 
     @abstractmethod
-    def open_run(self, method: str, settings_json: str, initial: RoundRecord) -> RunInfo:
+    def open_run(self, method: str, settings_json: str, bundle_digest: str, initial: RoundRecord) -> RunInfo:
         """Start a run with round 0 = `initial`, or return the run already stored. A stored run of a
-        different method or settings is an error, so a config change cannot corrupt a run."""
+        different method, settings or bundle is an error, so a config change cannot corrupt a run."""
 
     @abstractmethod
     def run_info(self) -> RunInfo | None:
@@ -187,10 +194,15 @@ def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+SCHEMA_VERSION = 2
+"""1: before method specs (settings_json = every setting of the one flat settings class, no bundle).
+2: settings_json = the run's identity (non-default values per section), the bundle's digest."""
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (
     singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
-    run_id TEXT NOT NULL, method TEXT NOT NULL, settings_json TEXT NOT NULL, created_at REAL NOT NULL);
+    run_id TEXT NOT NULL, method TEXT NOT NULL, settings_json TEXT NOT NULL, created_at REAL NOT NULL,
+    bundle_digest TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS rounds (
     round_id INTEGER PRIMARY KEY, committed_at REAL NOT NULL, tensors BLOB NOT NULL,
     strategy_state TEXT NOT NULL, metrics TEXT NOT NULL);
@@ -216,6 +228,45 @@ CREATE TABLE IF NOT EXISTS pending_updates (
 """
 
 
+def _identity_from_schema1(method: str, settings_json: str) -> str:
+    """Schema 1 stored every setting of every method flat; the run's identity keeps the core ones
+    and its own method's (the others never reached it), at their non-default values."""
+    flat = json.loads(settings_json)
+    own = {
+        name: value
+        for name, value in flat.items()
+        if name in TrainingSettings.names() or owner_of(name) == method
+    }
+    return json.dumps(RunSettings.from_flat(method, own).identity(), sort_keys=True)
+
+
+def _differences(stored: str, given: str) -> str:
+    """The settings two run identities disagree on, for a refusal line (bounded)."""
+    try:
+        old, new = json.loads(stored), json.loads(given)
+        sections = sorted(set(old) | set(new))
+        keys = [
+            f"{section}.{key}: {old[section].get(key)!r} stored, {new[section].get(key)!r} given"
+            for section in sections
+            if isinstance(old.get(section), dict) and isinstance(new.get(section), dict)
+            for key in sorted(set(old[section]) | set(new[section]))
+            if old[section].get(key) != new[section].get(key)
+        ]
+    except (ValueError, AttributeError):
+        return "unreadable stored settings"
+    return "; ".join(keys[:4]) + ("; ..." if len(keys) > 4 else "") or "method"
+
+
+def _migrate_1_to_2(db: sqlite3.Connection) -> None:
+    db.execute("ALTER TABLE run ADD COLUMN bundle_digest TEXT NOT NULL DEFAULT ''")
+    for method, settings_json in db.execute("SELECT method, settings_json FROM run").fetchall():
+        db.execute("UPDATE run SET settings_json = ?", (_identity_from_schema1(method, settings_json),))
+
+
+MIGRATIONS = {1: _migrate_1_to_2}
+"""version -> the step that brings a file of that version to the next one."""
+
+
 class SQLiteStore(Store):
     """SQLite in WAL mode: the daemon writes while `fedprompt aggregator token|status` read or issue
     tokens from other processes. One connection guarded by a lock serves the daemon's threads."""
@@ -232,15 +283,44 @@ class SQLiteStore(Store):
                 self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
-                self._db.executescript(_SCHEMA)
-                columns = {row[1] for row in self._db.execute("PRAGMA table_info(clients)")}
-                if "device_key" not in columns:  # a state file from before device keys
-                    self._db.execute("ALTER TABLE clients ADD COLUMN device_key TEXT")
             self._db.execute("PRAGMA busy_timeout=10000")
-            self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            self.schema = self._schema_version()
+            if not read_only:
+                self._migrate()
         except sqlite3.DatabaseError as error:
             raise StoreError(f"{self.path} is not a usable aggregator state file ({error})") from None
         self._lock = threading.Lock()
+
+    def _schema_version(self) -> int:
+        """The file's schema version (a file without tables gets the current one)."""
+        if not self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            return SCHEMA_VERSION
+        version = self._db.execute("PRAGMA user_version").fetchone()[0] or 1  # 1 never set its version
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has store schema {version}, newer than this fedprompt's "
+                f"{SCHEMA_VERSION}: upgrade fedprompt"
+            )
+        return version
+
+    def _migrate(self) -> None:
+        """Bring an older file to the current schema, one transaction per step; then create what
+        is missing."""
+        while self.schema < SCHEMA_VERSION:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                MIGRATIONS[self.schema](self._db)
+                self._db.execute(f"PRAGMA user_version = {self.schema + 1}")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            self.schema += 1
+        self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(clients)")}
+        if "device_key" not in columns:  # a state file from before device keys
+            self._db.execute("ALTER TABLE clients ADD COLUMN device_key TEXT")
+        self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
         with self._lock:
@@ -268,21 +348,29 @@ class SQLiteStore(Store):
                 if not fsync:
                     self._db.execute("PRAGMA synchronous=FULL")
 
-    def open_run(self, method: str, settings_json: str, initial: RoundRecord) -> RunInfo:
+    def open_run(self, method: str, settings_json: str, bundle_digest: str, initial: RoundRecord) -> RunInfo:
         existing = self.run_info()
         if existing is not None:
             if (existing.method, existing.settings_json) != (method, settings_json):
                 raise StoreError(
                     f"{self.path} holds run {existing.run_id} of method {existing.method!r} with other "
-                    "settings; use a new state file for a new configuration"
+                    f"settings ({_differences(existing.settings_json, settings_json)}); use a new state "
+                    "file for a new configuration"
                 )
-            return existing
-        info = RunInfo(f"run-{secrets.token_hex(6)}", method, settings_json, time.time())
+            if existing.bundle_digest and existing.bundle_digest != bundle_digest:
+                raise StoreError(
+                    f"{self.path} holds run {existing.run_id} of bundle {existing.bundle_digest[:12]}, not "
+                    f"{bundle_digest[:12]}; use a new state file for another bundle"
+                )
+            if not existing.bundle_digest:
+                self._adopt_bundle(bundle_digest, initial)
+            return self.run_info()
+        info = RunInfo(f"run-{secrets.token_hex(6)}", method, settings_json, time.time(), bundle_digest)
         self._transaction(
             [
                 (
-                    "INSERT INTO run VALUES (1, ?, ?, ?, ?)",
-                    (info.run_id, method, settings_json, info.created_at),
+                    "INSERT INTO run VALUES (1, ?, ?, ?, ?, ?)",
+                    (info.run_id, method, settings_json, info.created_at, bundle_digest),
                 ),
                 self._round_row(
                     RoundRecord(0, initial.tensors, initial.strategy_state, committed_at=time.time())
@@ -291,8 +379,27 @@ class SQLiteStore(Store):
         )
         return info
 
+    def _adopt_bundle(self, bundle_digest: str, initial: RoundRecord) -> None:
+        """A run migrated from schema 1 learns its bundle; if it committed no round yet, round 0
+        becomes the spec's initial state (schema 1 started runs with no global tensors)."""
+        tensors, strategy_state = (
+            encode_tensor_set(initial.tensors, "fp32"),
+            json.dumps(initial.strategy_state),
+        )
+        self._transaction(
+            [
+                ("UPDATE run SET bundle_digest = ?", (bundle_digest,)),
+                (
+                    "UPDATE rounds SET tensors = ?, strategy_state = ? "
+                    "WHERE round_id = 0 AND NOT EXISTS (SELECT 1 FROM rounds WHERE round_id > 0)",
+                    (tensors, strategy_state),
+                ),
+            ]
+        )
+
     def run_info(self) -> RunInfo | None:
-        rows = self._query("SELECT run_id, method, settings_json, created_at FROM run")
+        digest = "bundle_digest" if self.schema >= 2 else "''"
+        rows = self._query(f"SELECT run_id, method, settings_json, created_at, {digest} FROM run")
         return RunInfo(*rows[0]) if rows else None
 
     @staticmethod

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fedprompt.common.prompt_init import initial_context as shared_initial_context
+
 CONTEXT_WORD = "X"
 
 
@@ -101,6 +103,6 @@ class ClassPrompts:
 
 
 def initial_context(n_ctx: int, width: int, std: float, seed: int) -> torch.Tensor:
-    """CoOp's init, N(0, std^2), from a seed so that every client of a run starts alike."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n_ctx, width, generator=generator) * std
+    """CoOp's init, N(0, std^2), from a seed: the values the aggregator initialises the run with
+    (`fedprompt.common.prompt_init`), so every client of a run starts alike."""
+    return torch.from_numpy(shared_initial_context(n_ctx, width, std, seed))

@@ -8,7 +8,7 @@ again) when the same round is offered after a crash of either side. Refusals nev
 a device whose update is refused keeps it, says why in one line and sits that round out (it
 never trains for it again), or stops when the aggregator says the refusal is final.
 
-The runtime knows no method: it turns a task into a `RoundTask`, hands it to the `ClientMethod`
+The runtime knows no method: it turns a task into a `RoundTask`, hands it to the `ClientHalf`
 named in the task, and ships back the `RoundResult`: pushed as an update, or, when the task says
 the round is securely aggregated, summed with the others' through SecAggStep
 (`edge_client.secure_upload`), where it is kept until a session has it.
@@ -30,17 +30,18 @@ import grpc
 
 from edge_client.device_identity import PeerPins, device_identity
 from edge_client.device_run import save_served, save_task
-from edge_client.methods.base import ClientMethod, RoundTask
+from edge_client.methods.base import ClientHalf, RoundTask
 from edge_client.pending_upload import PendingUpload, PendingUploadFile
 from edge_client.privacy_policy import PolicyGuard, PolicyRefusal
 from edge_client.secure_upload import GrpcSecureChannel, Outcome, params_from_message, secure_upload
 from edge_client.tls import ChannelSecurity, closed_socket_hint, tls_failure
 from fedprompt.common.codec import CodecError, decode_tensor_set, encode_tensor_set, iter_chunks, join_chunks
 from fedprompt.common.files import write_atomically
+from fedprompt.common.methods import TaskSettings
 from fedprompt.common.network import REFUSAL_METADATA, session_metadata, token_metadata
 from fedprompt.common.privacy_labels import describe_epsilon
 from fedprompt.common.secagg.policy import ThresholdFloor
-from fedprompt.common.settings import SettingsError, TrainingSettings
+from fedprompt.common.settings import SettingsError
 from protos import fedprompt_pb2 as pb
 from protos import fedprompt_pb2_grpc as pb_grpc
 
@@ -212,7 +213,7 @@ class ClientRuntime:
     def __init__(
         self,
         link: AggregatorLink,
-        make_method: Callable[[str], ClientMethod],
+        make_method: Callable[[str], ClientHalf],
         state_dir: Path,
         token: str | None,
         name: str = "",
@@ -227,7 +228,7 @@ class ClientRuntime:
         self.state_dir = state_dir
         self.token = token
         self.name = name
-        self._methods: dict[str, ClientMethod] = {}
+        self._methods: dict[str, ClientHalf] = {}
         self._pending = PendingUploadFile(state_dir)
         self._sitting_out: tuple[str, int] | None = None  # (run, round) already said to be sat out
         self.identity: Identity | None = None
@@ -334,7 +335,7 @@ class ClientRuntime:
             ),
         )
 
-    def _method(self, name: str) -> ClientMethod:
+    def _method(self, name: str) -> ClientHalf:
         if name not in self._methods:
             self._methods[name] = self.make_method(name)
         return self._methods[name]
@@ -364,9 +365,11 @@ class ClientRuntime:
             log.info("dropping the unsent update of round %d: the aggregator moved on", saved.round_id)
             self._pending.clear()
         settings = self._settings(header)
+        self._check_bundle(header)
         if self.guard is not None:
             try:
-                self.guard.admit(header.run_id, header.round_id, TrainingSettings.from_dict(settings))
+                core = TaskSettings.from_dict(header.method, settings).core
+                self.guard.admit(header.run_id, header.round_id, core)
             except PolicyRefusal as refusal:
                 self._decline(header, refusal)
                 return
@@ -379,6 +382,15 @@ class ClientRuntime:
         upload, deadline = self._train(header, payload, deadline, settings)
         self._pending.save(upload)
         self._send(upload, header, deadline)
+
+    def _check_bundle(self, header: pb.TaskHeader) -> None:
+        """Stop before training when the run's bundle is not this device's (it can never fit)."""
+        digest = self._method(header.method).bundle_digest
+        if header.bundle_digest and header.bundle_digest != digest:
+            raise ClientError(
+                f"this run uses bundle {header.bundle_digest[:12]}, this device has "
+                f"{digest[:12]}: give the client the run's bundle (--bundle)"
+            )
 
     def _sit_out(self, refused: PendingUpload, task: pb.TaskHeader) -> None:
         """The round of a refused update is offered again: wait for the next one, without training."""
@@ -433,10 +445,10 @@ class ClientRuntime:
 
     @staticmethod
     def _settings(header: pb.TaskHeader) -> dict:
-        """The task's settings, checked by the one settings dataclass."""
+        """The task's settings, checked against the method's spec (core and its client section)."""
         settings = json.loads(header.settings_json or "{}")
         try:
-            TrainingSettings.from_dict(settings)
+            TaskSettings.from_dict(header.method, settings)
         except SettingsError as error:
             raise ClientError(
                 f"the aggregator's round settings do not fit this client ({error}); if the aggregator "
@@ -508,7 +520,7 @@ class ClientRuntime:
             encoding,
         )
         if "epsilon" in result.privacy:
-            settings = TrainingSettings.from_dict(task.settings)
+            settings = TaskSettings.from_dict(task.method, task.settings).core
             log.info(
                 "round %d: privacy spent so far: %s",
                 task.round_id,

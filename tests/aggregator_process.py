@@ -34,9 +34,15 @@ def free_port() -> int:
 
 
 def write_config(
-    path: Path, rounds: Mapping[str, object], server: Mapping[str, object] | None = None
+    path: Path,
+    rounds: Mapping[str, object],
+    server: Mapping[str, object] | None = None,
+    *,
+    bundle: Path,
+    method: str = "promptfl",
 ) -> Path:
-    """A TOML config with a state file next to it and port 0 (the OS picks a free port)."""
+    """A TOML config for a run of `method` on `bundle` (a bundle folder), with a state file next to
+    it and port 0 (the OS picks a free port). Callers append [training] and method sections."""
 
     def table(name: str, values: Mapping[str, object]) -> str:
         lines = [f"[{name}]"]
@@ -44,7 +50,9 @@ def write_config(
         return "\n".join(lines)
 
     server = {"port": 0, "state": "state.sqlite", **(server or {})}
-    path.write_text(table("server", server) + "\n\n" + table("rounds", rounds) + "\n")
+    named = {"name": method, "bundle": str(Path(bundle) / "manifest.json")}
+    tables = [table("server", server), table("rounds", rounds), table("method", named)]
+    path.write_text("\n\n".join(tables) + "\n")
     return path
 
 
@@ -141,9 +149,12 @@ class AggregatorProcess(LoggedProcess):
 class LightClients(LoggedProcess):
     """`tests/light_clients.py`: clients first .. first+count-1 of `tokens` in one process."""
 
-    def __init__(self, address: str, tokens: Path, state_dir: Path, first: int, count: int, *extra: str):
+    def __init__(
+        self, address: str, tokens: Path, state_dir: Path, first: int, count: int, *extra: str, bundle: Path
+    ):
         script = str(Path(__file__).with_name("light_clients.py"))
         where = ["--aggregator", address, "--tokens", str(tokens), "--state-dir", str(state_dir)]
+        where += ["--bundle", str(bundle)]
         which = ["--first", str(first), "--count", str(count)]
         super().__init__([sys.executable, script, *where, *which, *extra])
 

@@ -29,14 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_client.methods.base import ClientMethod, RoundResult, RoundTask
+from edge_client.methods.base import ClientHalf, RoundResult, RoundTask
 from edge_client.runtime import AggregatorLink, ClientError, ClientRuntime
 from edge_client.tls import channel_security
+from fedprompt.common.bundle_dims import BundleDims
 from fedprompt.common.codec import decode_tensor_set, encode_tensor_set
 from protos import fedprompt_pb2 as pb
 
 log = logging.getLogger("fedprompt.client")
-SHAPE = (4, 8)
+SHAPE = (16, 64)  # the default n_ctx and the fedprompt-test bundle's text width
 CRASH_EXIT = 17
 
 
@@ -70,23 +71,25 @@ def expected_global(
     return total / weights
 
 
-class PreparedUpdate(ClientMethod):
-    """Stands in for training: waits `train_s` (the runtime heartbeats meanwhile), then returns
-    the prepared update."""
+class PreparedUpdate(ClientHalf):
+    """Stands in for training on the run's bundle: waits `train_s` (the runtime heartbeats
+    meanwhile), then returns the prepared update."""
 
     name = "promptfl"
 
-    def __init__(self, index: int, train_s: float, shape: tuple[int, ...]) -> None:
+    def __init__(self, index: int, train_s: float, shape: tuple[int, ...], bundle: Path) -> None:
         self.index, self.train_s, self.shape = index, train_s, shape
+        self._digest = BundleDims.read(bundle).digest
+
+    @property
+    def bundle_digest(self) -> str:
+        return self._digest
 
     def run_round(self, task: RoundTask) -> RoundResult:
         log.info("trained round %d", task.round_id)
         time.sleep(self.train_s)
         tensors = prepared_update(self.index, task.round_id, task.tensors, self.shape)
         return RoundResult(tensors, examples(self.index), {"accuracy": 0.5})
-
-    def head(self, task: RoundTask):
-        raise NotImplementedError("a light client has no image tower, hence no classifier head")
 
 
 class CrashAfterStep:
@@ -125,7 +128,7 @@ def run_client(index: int, token: str, args: argparse.Namespace, failures: list[
     link = CrashingLink(
         args.aggregator, patience_s=args.patience, rpc_timeout_s=10.0, security=security, crash=crash
     )
-    method = PreparedUpdate(index, args.train_s, tuple(args.shape))
+    method = PreparedUpdate(index, args.train_s, tuple(args.shape), args.bundle)
     runtime = ClientRuntime(
         link, lambda _: method, args.state_dir / f"client-{index}", token, f"light-{index}"
     )
@@ -143,6 +146,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--aggregator", required=True, help="HOST:PORT")
     parser.add_argument("--tokens", type=Path, required=True, help="enrolment tokens, one per line")
+    parser.add_argument("--bundle", type=Path, required=True, help="the run's bundle folder")
     parser.add_argument("--state-dir", type=Path, required=True, help="client-I/ state folders go here")
     parser.add_argument("--first", type=int, default=0, help="index of the first client of this process")
     parser.add_argument("--count", type=int, default=1, help="clients in this process")

@@ -27,6 +27,7 @@ from aggregator_process import AggregatorProcess, LightClients, free_port, write
 from light_clients import expected_global
 
 from aggregator.store import SQLiteStore
+from fedprompt.common.bundle_dims import BundleDims
 
 ACCEPTED = r"client-(\d+) round (\d+): update accepted"
 
@@ -70,12 +71,13 @@ class LoadRun:
         processes: int,
         kill_fraction: float,
         train_s: float,
-        shape: tuple[int, ...],
+        bundle: Path,
         poll_s: float,
     ) -> None:
         if clients % processes or rounds < 2:
             raise SystemExit("--clients must be a multiple of --processes, and --rounds at least 2")
-        self.workdir, self.total_rounds, self.shape, self.train_s = workdir, rounds, shape, train_s
+        self.shape = (16, BundleDims.read(bundle).text_width)  # the default n_ctx on the run's bundle
+        self.workdir, self.total_rounds, self.train_s, self.bundle = workdir, rounds, train_s, bundle
         self.processes, self.per_process = processes, clients // processes
         self.victims = round(kill_fraction * processes)
         self.report = LoadReport(clients, processes, min_updates=math.ceil(clients / 2))
@@ -92,6 +94,7 @@ class LoadRun:
                 "client_timeout_s": 4.0,
             },
             {"port": free_port(), "update_encoding": "fp16", "workers": 32},
+            bundle=bundle,
         )
         store = SQLiteStore(workdir / "state.sqlite")
         tokens = [store.issue_token(f"light {i}") for i in range(clients)]
@@ -112,6 +115,7 @@ class LoadRun:
                 p * self.per_process,
                 self.per_process,
                 *extra,
+                bundle=self.bundle,
             )
             for p in range(self.processes)
         ]
@@ -182,7 +186,7 @@ class LoadRun:
         }
         self.report.accepted_updates = len(accepted)
         self.report.lost_updates = len(accepted - committed)
-        previous: dict[str, np.ndarray] = {}
+        previous = store.global_tensors(0)  # the spec's initial state
         for record in store.rounds():
             senders = [index[c.client_id] for c in record.clients]
             want = expected_global(previous, senders, record.round_id, "fp16", self.shape)
@@ -224,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-fraction", type=float, default=0.3, help="share of client processes killed")
     parser.add_argument("--train-s", type=float, default=1.0, help="seconds each client 'trains' per round")
     parser.add_argument(
-        "--shape", type=int, nargs="+", default=[16, 512], help="ctx shape (16x512 fp16 = 16 KB)"
+        "--bundle", type=Path, required=True, help="the run's bundle (ViT-B-32: ctx 16x512, 16 KB in fp16)"
     )
     parser.add_argument("--poll-s", type=float, default=1.0, help="rounds.poll_interval_s")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -237,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             args.processes,
             args.kill_fraction,
             args.train_s,
-            tuple(args.shape),
+            args.bundle,
             args.poll_s,
         )
         report = run.play()

@@ -40,15 +40,13 @@ def issue_tokens(state: Path, count: int) -> list[str]:
 
 def client_ctx(index: int, round_id: int, start: dict[str, np.ndarray]) -> np.ndarray:
     """A client's 'trained' prompt: the global it got plus a known per-client step."""
-    base = start.get("ctx", np.zeros((4, 8), np.float32))
-    return (base + (index + 1) * round_id * np.arange(32, dtype=np.float32).reshape(4, 8) / 100).astype(
-        np.float32
-    )
+    step = np.arange(16 * 64, dtype=np.float32).reshape(16, 64) / 1e4  # n_ctx 16, the bundle's width 64
+    return (start["ctx"] + (index + 1) * round_id * step).astype(np.float32)
 
 
 @pytest.fixture
-def tokens_and_config(tmp_path: Path) -> tuple[list[str], Path]:
-    config = write_config(tmp_path / "aggregator.toml", FAST_ROUNDS, EXACT)
+def tokens_and_config(tmp_path: Path, tiny_bundle: Path) -> tuple[list[str], Path]:
+    config = write_config(tmp_path / "aggregator.toml", FAST_ROUNDS, EXACT, bundle=tiny_bundle)
     return issue_tokens(tmp_path / "state.sqlite", 4), config
 
 
@@ -57,8 +55,9 @@ def push_prepared(client: RawClient, index: int, expected_round: int) -> np.ndar
     header, tensors = client.wait_for_task()
     assert header.status == pb.TRAIN and header.round_id == expected_round
     settings = json.loads(header.settings_json)
-    assert header.method == "promptfl" and settings["n_ctx"] == 16
-    assert "server_lr" not in settings  # server-only settings stay on the server
+    assert header.method == "promptfl" and settings["core"]["n_ctx"] == 16
+    assert set(settings) == {"core", "client"}  # the server section stays on the server
+    assert len(header.bundle_digest) == 64  # the run's bundle (sha256 of its manifest)
     assert header.deadline_unix > 0 and header.update_encoding == pb.FP32
     assert 0 < header.deadline_in_s <= FAST_ROUNDS["round_timeout_s"]
     assert header.client_timeout_s == FAST_ROUNDS["client_timeout_s"]
@@ -105,7 +104,7 @@ def test_rounds_average_by_example_count_and_refuse_bad_updates(tokens_and_confi
         _, tensors = clients[0].wait_for_task()
         good = client_ctx(0, 2, tensors)
         bad_updates = {
-            "wrong shape": dict(tensors={"ctx": np.zeros((4, 9), np.float32)}, num_examples=1),
+            "wrong shape": dict(tensors={"ctx": np.zeros((16, 9), np.float32)}, num_examples=1),
             "extra tensor": dict(tensors={"ctx": good, "x": np.zeros(1, np.float32)}, num_examples=1),
             "no examples": dict(tensors={"ctx": good}, num_examples=0),
             "garbage payload": dict(tensors={}, num_examples=1, payload=b"\x0a\xff\xff\x00"),
@@ -162,8 +161,8 @@ def test_rounds_average_by_example_count_and_refuse_bad_updates(tokens_and_confi
     mean_accuracy = (10 * 0.5 + 20 * 0.6 + 30 * 0.7) / 60
     assert first.metrics["client_metrics"]["accuracy"] == pytest.approx(mean_accuracy)
     assert first.metrics["bytes_up_per_client"] == len(encode_tensor_set({"ctx": expected["ctx"]}, "fp32"))
-    assert first.metrics["bytes_down_per_client"] == 0  # round 1 of PromptFL sends no prompt
-    assert records[1].metrics["bytes_down_per_client"] > 4 * 8 * 4
+    sent_down = len(encode_tensor_set({"ctx": expected["ctx"]}, "fp32"))  # round 1: the initial prompt
+    assert first.metrics["bytes_down_per_client"] == records[1].metrics["bytes_down_per_client"] == sent_down
 
     status = subprocess.run(
         [FEDPROMPT, "aggregator", "status", "--config", str(config), "--json"], capture_output=True, text=True
@@ -216,9 +215,9 @@ def test_kill_9_mid_round_resumes_the_open_round_with_its_accepted_updates(
         np.testing.assert_allclose(store.global_tensors(round_id)["ctx"], want["ctx"], rtol=1e-6)
 
 
-def test_a_silent_client_is_skipped_once_it_stops_heartbeating(tmp_path: Path) -> None:
+def test_a_silent_client_is_skipped_once_it_stops_heartbeating(tmp_path: Path, tiny_bundle: Path) -> None:
     rounds = {**FAST_ROUNDS, "rounds": 1, "min_updates": 2, "min_fit": 3, "client_timeout_s": 1.5}
-    config = write_config(tmp_path / "aggregator.toml", rounds, EXACT)
+    config = write_config(tmp_path / "aggregator.toml", rounds, EXACT, bundle=tiny_bundle)
     tokens = issue_tokens(tmp_path / "state.sqlite", 3)
     server = AggregatorProcess(config)
     try:
@@ -267,11 +266,17 @@ def test_bad_configs_and_token_commands_answer_in_one_line(tmp_path: Path) -> No
     assert store.client_for_session(session) == client_id
 
 
-def test_the_documented_example_config_is_valid_and_flags_override_it() -> None:
+def test_the_documented_example_config_is_valid_and_flags_override_it(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
     from aggregator.config import load_config
 
     example = Path(__file__).resolve().parents[1] / "aggregator" / "aggregator.example.toml"
-    config = load_config(example)
-    assert config.server.port == 50051 and config.training.dp == "client"
+    text = example.read_text()
+    assert 'bundle = "bundle/manifest.json"' in text
+    (tmp_path / "bundle").symlink_to(tiny_bundle)  # where the example expects the run's bundle
+    (tmp_path / "aggregator.toml").write_text(text)
+    config = load_config(tmp_path / "aggregator.toml")
+    assert config.server.port == 50051 and config.settings.core.dp == "client"
     overridden = config.with_overrides({"port": 6000, "host": None}, {"rounds": 2, "min_clients": None})
     assert (overridden.server.port, overridden.rounds.rounds, overridden.rounds.min_clients) == (6000, 2, 2)

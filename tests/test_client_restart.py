@@ -25,7 +25,7 @@ def test_a_client_killed_and_restarted_continues_its_epsilon(tiny_bundle: Path, 
         "heartbeat_interval_s": 1.0,
         "client_timeout_s": 60.0,
     }
-    config = write_config(tmp_path / "aggregator.toml", rounds, {"port": free_port()})
+    config = write_config(tmp_path / "aggregator.toml", rounds, {"port": free_port()}, bundle=tiny_bundle)
     config.write_text(
         config.read_text()
         + '\n[training]\nn_ctx = 4\nbatch_size = 8\ndp = "client"\nnoise_multiplier = 1.0\n'

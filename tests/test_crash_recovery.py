@@ -27,12 +27,13 @@ ROUNDS = {
 }
 
 
-def setup_run(tmp_path: Path, rounds: int, clients: int) -> tuple[Path, Path]:
+def setup_run(tmp_path: Path, rounds: int, clients: int, bundle: Path) -> tuple[Path, Path]:
     """A config on a fixed free port (restarts reuse it) and a file of enrolment tokens."""
     config = write_config(
         tmp_path / "aggregator.toml",
         {**ROUNDS, "rounds": rounds},
         {"port": free_port(), "update_encoding": "fp32"},
+        bundle=bundle,
     )
     store = SQLiteStore(tmp_path / "state.sqlite")
     tokens = [store.issue_token(f"light {i}") for i in range(clients)]
@@ -54,7 +55,7 @@ def check_committed_rounds(state: Path, rounds: int) -> list[list[str]]:
     records = store.rounds()
     assert [r.round_id for r in records] == list(range(1, rounds + 1))
     index = client_indices(state)
-    previous: dict[str, np.ndarray] = {}
+    previous = store.global_tensors(0)  # the spec's initial state
     for record in records:
         senders = [index[client] for client in record.metrics["clients"]]
         want = expected_global(previous, senders, record.round_id, "fp32")
@@ -64,14 +65,16 @@ def check_committed_rounds(state: Path, rounds: int) -> list[list[str]]:
     return [r.metrics["clients"] for r in records]
 
 
-def test_kill_9_while_sampling_after_some_updates_and_while_aggregating(tmp_path: Path) -> None:
-    config, tokens = setup_run(tmp_path, rounds=4, clients=3)
+def test_kill_9_while_sampling_after_some_updates_and_while_aggregating(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
+    config, tokens = setup_run(tmp_path, rounds=4, clients=3, bundle=tiny_bundle)
     serve = ("--aggregate-s", "1.5")
     servers = [AggregatorProcess(config, *serve, command=LEDGER_SERVE)]
     state = tmp_path / "clients"
     # clients 0 and 1 answer fast, client 2 takes 2 s to "train" (heartbeating meanwhile)
-    fast = LightClients(servers[0].address, tokens, state, 0, 2, "--train-s", "0.2")
-    slow = LightClients(servers[0].address, tokens, state, 2, 1, "--train-s", "2.0")
+    fast = LightClients(servers[0].address, tokens, state, 0, 2, "--train-s", "0.2", bundle=tiny_bundle)
+    slow = LightClients(servers[0].address, tokens, state, 2, 1, "--train-s", "2.0", bundle=tiny_bundle)
 
     def crash_and_restart() -> AggregatorProcess:
         servers[-1].kill()
@@ -105,13 +108,13 @@ def test_kill_9_while_sampling_after_some_updates_and_while_aggregating(tmp_path
 
 
 def test_a_client_killed_before_its_upload_sends_the_saved_update_and_does_not_train_again(
-    tmp_path: Path,
+    tmp_path: Path, tiny_bundle: Path
 ) -> None:
-    config, tokens = setup_run(tmp_path, rounds=1, clients=3)
+    config, tokens = setup_run(tmp_path, rounds=1, clients=3, bundle=tiny_bundle)
     state = tmp_path / "clients"
     server = AggregatorProcess(config)
-    others = LightClients(server.address, tokens, state, 0, 2)
-    victim = LightClients(server.address, tokens, state, 2, 1, "--train-s", "1.0")
+    others = LightClients(server.address, tokens, state, 0, 2, bundle=tiny_bundle)
+    victim = LightClients(server.address, tokens, state, 2, 1, "--train-s", "1.0", bundle=tiny_bundle)
     restarted_victim = restarted_server = None
     try:
         victim.wait_for_log(r"client-2 trained round 1")
@@ -120,7 +123,9 @@ def test_a_client_killed_before_its_upload_sends_the_saved_update_and_does_not_t
         victim.kill()  # ...and the victim dies while retrying its upload
         assert (state / "client-2" / PENDING_FILE).exists()
         restarted_server = AggregatorProcess(config)
-        restarted_victim = LightClients(restarted_server.address, tokens, state, 2, 1, "--train-s", "1.0")
+        restarted_victim = LightClients(
+            restarted_server.address, tokens, state, 2, 1, "--train-s", "1.0", bundle=tiny_bundle
+        )
         restarted_victim.wait_for_log(r"client-2 round 1: sending the update trained before a restart")
         restarted_server.wait_for_log(r"round 1/1 committed: 3 clients")
         assert restarted_victim.wait(30) == 0 and others.wait(30) == 0

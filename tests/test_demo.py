@@ -82,8 +82,8 @@ def test_demo_experiment_configs_repeat_the_demo_setting(name: str, split: objec
     config = load_experiment_config(EXPERIMENTS / f"{name}.toml")
     assert config.split.settings(FULL.split.seed) == split
     assert config.rounds.rounds == FULL.rounds
-    assert config.entry("PromptFL + client DP").settings == FULL.training
-    no_dp = config.entry("PromptFL").settings  # the same training, DP off (its clip/noise unused)
+    assert config.entry("PromptFL + client DP").settings.core == FULL.training
+    no_dp = config.entry("PromptFL").settings.core  # the same training, DP off (its clip/noise unused)
     training = FULL.training
     assert replace(no_dp, clip=training.clip, noise_multiplier=training.noise_multiplier) == replace(
         training, dp="none"

@@ -15,22 +15,28 @@ from colour_images import write_colour_folder
 from independent_accounting import assert_tight
 
 from aggregator.config import ConfigError
-from aggregator.strategies.base import ClientUpdate
+from aggregator.strategies.base import ClientUpdate, ServerStrategy
 from aggregator.strategies.combine import UpdateCombiner
 from aggregator.strategies.registry import SERVER_STRATEGIES
 from edge_client.bundle import Bundle
-from edge_client.dp_sgd import per_example_gradients
-from edge_client.local_privacy import RoundCost
+from edge_client.dp_sgd import per_example_gradients, train_dp_sgd
 from edge_client.methods.base import RoundTask
-from edge_client.methods.dpfpl import PersonalObjective, PersonalPrompt, train_personal
+from edge_client.methods.dpfpl import PersonalObjective, PersonalPrompt
 from edge_client.methods.local_state import load_tensors, state_file
 from edge_client.methods.low_rank import factorise
 from edge_client.methods.registry import CLIENT_METHODS
 from edge_client.prompt_encoder import PromptTextEncoder
 from edge_client.prompts import initial_context, tokenize_class_prompts
 from edge_client.training import normalise, prompt_loss
-from edge_client.workspace import ClientWorkspace, LabelledFeatures
+from edge_client.workspace import ClientWorkspace
+from fedprompt.common.methods import RunSettings
 from fedprompt.common.settings import SettingsError, TrainingSettings
+
+
+def server_half(method: str, values: dict, **kwargs: object) -> ServerStrategy:
+    """The method's server half for these (flat) settings."""
+    return SERVER_STRATEGIES[method](RunSettings.from_flat(method, values), **kwargs)
+
 
 SCALE = 20.0
 
@@ -104,12 +110,10 @@ def _one_dp_step(text: dict, images: torch.Tensor, clip: float) -> torch.Tensor:
     """One noiseless DP-SGD step over all examples (q = 1) with plain SGD at lr 1; returns theta."""
     prompt, theta = _personal(text)
     settings = TrainingSettings(lr=1.0, momentum=0.0, clip=clip, noise_multiplier=0.0)
-    train = LabelledFeatures(images, text["labels"])
-    new, stats = train_personal(
-        prompt, theta, text["encode"], train, SCALE, settings, RoundCost(0.0, 1.0, 1), torch.Generator()
-    )
+    objective = PersonalObjective(prompt, text["encode"], SCALE)
+    new, stats = train_dp_sgd(objective, {"theta": theta}, (images,), text["labels"], settings, 1.0, 1)
     assert stats.steps == 1 and stats.seen == len(images)
-    return new
+    return new["theta"]
 
 
 def test_local_dp_clips_each_examples_gradient_over_global_and_low_rank_parts_jointly(text: dict) -> None:
@@ -139,7 +143,8 @@ def colour_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _task(round_id: int, settings: dict, tensors: dict | None = None) -> RoundTask:
-    return RoundTask("run-a", round_id, "dpfpl", settings, tensors or {}, deadline_unix=0.0)
+    task_settings = RunSettings.from_flat("dpfpl", settings).task.to_dict()
+    return RoundTask("run-a", round_id, "dpfpl", task_settings, tensors or {}, deadline_unix=0.0)
 
 
 def test_client_uploads_only_the_global_prompt_keeps_the_local_one_and_accounts_every_step(
@@ -183,7 +188,9 @@ def test_global_dp_clips_each_client_and_adds_noise_of_sigma_times_clip_on_the_s
     reference = {"ctx": np.random.default_rng(0).normal(0, 1, shape).astype(np.float32)}
     far, near = np.zeros(shape), np.zeros(shape)
     far[0, 0], near[1, 1] = 100.0, 0.5  # one client far beyond the clip, one inside it
-    almost_silent = SERVER_STRATEGIES["dpfpl"]({"global_clip": 1.0, "global_noise_multiplier": 1e-9})
+    almost_silent = SERVER_STRATEGIES["dpfpl"](
+        RunSettings.from_flat("dpfpl", {"global_clip": 1.0, "global_noise_multiplier": 1e-9})
+    )
     new, metrics = almost_silent.aggregate(
         reference, _updates(reference["ctx"] + far, reference["ctx"] + near)
     )
@@ -194,7 +201,9 @@ def test_global_dp_clips_each_client_and_adds_noise_of_sigma_times_clip_on_the_s
 
     sigma, clip, clients = 2.0, 0.5, 4
     still = {"ctx": np.zeros((64, 256), np.float32)}  # nothing to move: the change is pure noise
-    noisy = SERVER_STRATEGIES["dpfpl"]({"global_clip": clip, "global_noise_multiplier": sigma})
+    noisy = SERVER_STRATEGIES["dpfpl"](
+        RunSettings.from_flat("dpfpl", {"global_clip": clip, "global_noise_multiplier": sigma})
+    )
     new, _ = noisy.aggregate(still, _updates(*[still["ctx"]] * clients))
     noise = new["ctx"].astype(np.float64) * clients  # the noise added to the sum
     assert abs(noise.mean()) < 5 * sigma * clip / np.sqrt(noise.size)
@@ -203,8 +212,8 @@ def test_global_dp_clips_each_client_and_adds_noise_of_sigma_times_clip_on_the_s
 
 def test_global_dp_epsilon_is_opacus_at_half_sigma_per_round_and_survives_a_restart() -> None:
     settings = {"global_clip": 1.0, "global_noise_multiplier": 3.0, "delta": 1e-6}
-    strategy = SERVER_STRATEGIES["dpfpl"](settings)
-    state = strategy.initial_state()
+    strategy = server_half("dpfpl", settings)
+    state: dict[str, np.ndarray] = {}  # before round 1: zero
     rng = np.random.default_rng(1)
     for _ in range(2):
         state, metrics = strategy.aggregate(state, _updates(*rng.normal(0, 0.1, (3, 4, 8))))
@@ -214,7 +223,9 @@ def test_global_dp_epsilon_is_opacus_at_half_sigma_per_round_and_survives_a_rest
         1.0,
         1e-6,
     )
-    restarted = SERVER_STRATEGIES["dpfpl"](settings)  # a new daemon loading the committed state
+    restarted = SERVER_STRATEGIES["dpfpl"](
+        RunSettings.from_flat("dpfpl", settings)
+    )  # a new daemon loading the committed state
     restarted.load_state_dict(strategy.state_dict())
     _, metrics = restarted.aggregate(state, _updates(*rng.normal(0, 0.1, (3, 4, 8))))
     assert_tight(metrics["global_epsilon"], [(1.5, 1.0, 3)], 1e-6)
@@ -222,7 +233,13 @@ def test_global_dp_epsilon_is_opacus_at_half_sigma_per_round_and_survives_a_rest
 
 def test_global_dp_refuses_a_robust_rule_it_would_silently_replace() -> None:
     with pytest.raises(ConfigError, match=r"leave \[aggregation\] at its defaults"):
-        SERVER_STRATEGIES["dpfpl"]({"global_noise_multiplier": 1.0}, combiner=UpdateCombiner("median"))
+        SERVER_STRATEGIES["dpfpl"](
+            RunSettings.from_flat("dpfpl", {"global_noise_multiplier": 1.0}),
+            combiner=UpdateCombiner("median"),
+        )
     assert (
-        SERVER_STRATEGIES["dpfpl"]({}, combiner=UpdateCombiner("median")).global_dp is None
+        SERVER_STRATEGIES["dpfpl"](
+            RunSettings.from_flat("dpfpl", {}), combiner=UpdateCombiner("median")
+        ).global_dp
+        is None
     )  # no DP: robust ok

@@ -22,6 +22,7 @@ from edge_client.bundle import Bundle
 from edge_client.datasets import fashion_mnist_dir
 from fedprompt.cli import main
 from fedprompt.common.codec import encode_tensor_set
+from fedprompt.common.methods import RunSettings
 from fedprompt.common.privacy import PrivacyAccountant
 from fedprompt.common.settings import TrainingSettings
 from fedprompt.harness.calibration import calibrate_noise_multiplier
@@ -154,8 +155,9 @@ def test_bytes_are_those_of_the_wire_encoding(experiment: dict) -> None:
     for seed in SEEDS:
         first, second = _rows(experiment, "PromptFL", seed)
         assert float(first["bytes_up"]) == float(second["bytes_up"]) == up
-        assert float(first["bytes_down"]) == 0.0  # round 1: the server has no prompt yet
-        assert float(second["bytes_down"]) == down
+        assert (
+            float(first["bytes_down"]) == float(second["bytes_down"]) == down
+        )  # round 1: the initial prompt
         assert all(float(r["bytes_up"]) == 0.0 for r in _rows(experiment, "local-only", seed))
 
 
@@ -301,7 +303,7 @@ def test_settings_of_an_entry_merge_over_training_defaults() -> None:
         Path.cwd(),
         "x",
     )
-    assert config.methods[0].settings == replace(TrainingSettings(), lr=0.01, dp="client")
+    assert config.methods[0].settings.core == replace(TrainingSettings(), lr=0.01, dp="client")
 
 
 @pytest.mark.parametrize(
@@ -332,13 +334,13 @@ def test_every_run_of_a_seed_samples_the_same_clients_when_fraction_is_below_one
     rules = FederationRules(rounds=3, fraction=0.5, seed=0)
     sampled = []
     for name, settings in {
-        "plain": TrainingSettings(n_ctx=2),
-        "dp": TrainingSettings(n_ctx=2, dp="client"),
+        "plain": RunSettings.from_flat("promptfl", {"n_ctx": 2}),
+        "dp": RunSettings.from_flat("promptfl", {"n_ctx": 2, "dp": "client"}),
     }.items():
         workspaces = [
             fresh_workspace(ws, tmp_path / name / str(i)) for i, ws in enumerate(clients.workspaces)
         ]
-        run = run_federated("promptfl", settings, workspaces, rules, tmp_path / name / "state.sqlite")
+        run = run_federated(settings, workspaces, rules, tmp_path / name / "state.sqlite")
         sampled.append([sorted(run.client_ids.index(c.client_id) for c in r.clients) for r in run.rounds])
     assert sampled[0] == sampled[1]
     assert all(len(chosen) == 2 for chosen in sampled[0])

@@ -128,7 +128,7 @@ def test_three_client_processes_train_promptfl_through_a_real_aggregator(
         "heartbeat_interval_s": 1.0,
         "client_timeout_s": 30.0,
     }
-    config = write_config(tmp_path / "aggregator.toml", rounds, {"port": port})
+    config = write_config(tmp_path / "aggregator.toml", rounds, {"port": port}, bundle=tiny_bundle)
     config.write_text(
         config.read_text()
         + "\n[training]\nn_ctx = 4\nbatch_size = 8\nlr = 0.01\n"

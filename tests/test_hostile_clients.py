@@ -54,15 +54,23 @@ ROUNDS = {
     "heartbeat_interval_s": 0.5,
     "client_timeout_s": 10.0,
 }
-SHAPE = (4, 8)
+SHAPE = (16, 64)  # the default n_ctx and the fedprompt-test bundle's text width
 LEDGER_SERVE = (sys.executable, str(Path(__file__).with_name("ledger_aggregator.py")))
 INVALID, PRECONDITION = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
 
 
 def start(
-    tmp_path: Path, tokens: int, rounds: dict | None = None, server: dict | None = None, extra: str = ""
+    tmp_path: Path,
+    tokens: int,
+    rounds: dict | None = None,
+    server: dict | None = None,
+    extra: str = "",
+    *,
+    tiny_bundle: Path,
 ):
-    config = write_config(tmp_path / "aggregator.toml", {**ROUNDS, **(rounds or {})}, server)
+    config = write_config(
+        tmp_path / "aggregator.toml", {**ROUNDS, **(rounds or {})}, server, bundle=tiny_bundle
+    )
     config.write_text(config.read_text() + extra)
     store = SQLiteStore(tmp_path / "state.sqlite")
     issued = [store.issue_token(f"device {i}") for i in range(tokens)]
@@ -82,8 +90,8 @@ def refused(call, code: grpc.StatusCode) -> str:
     return error.value.details()
 
 
-def test_revoked_and_replayed_credentials_are_refused_at_once(tmp_path: Path) -> None:
-    server, tokens = start(tmp_path, 3)
+def test_revoked_and_replayed_credentials_are_refused_at_once(tmp_path: Path, tiny_bundle: Path) -> None:
+    server, tokens = start(tmp_path, 3, tiny_bundle=tiny_bundle)
     try:
         stale = RawClient(server.address, tokens[0])
         device = RawClient(server.address, tokens[0])  # enrolling again replaces the session
@@ -126,9 +134,17 @@ def raw_payload(array: np.ndarray, dtype: str = "float32") -> bytes:
     return pb.TensorSet(tensors=[tensor]).SerializeToString()
 
 
-def test_each_kind_of_bad_input_is_refused_with_a_clear_status_and_the_round_goes_on(tmp_path: Path) -> None:
+def test_each_kind_of_bad_input_is_refused_with_a_clear_status_and_the_round_goes_on(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
     limits = {"max_message_mb": 0.25, "chunk_kb": 64, "max_payload_mb": 0.1, "update_encoding": "fp32"}
-    server, tokens = start(tmp_path, 3, server=limits, extra="\n[aggregation]\nmax_update_norm = 100.0\n")
+    server, tokens = start(
+        tmp_path,
+        3,
+        server=limits,
+        extra="\n[aggregation]\nmax_update_norm = 100.0\n",
+        tiny_bundle=tiny_bundle,
+    )
     try:
         clients = [RawClient(server.address, token) for token in tokens]
         sender = clients[0]
@@ -194,9 +210,13 @@ def test_each_kind_of_bad_input_is_refused_with_a_clear_status_and_the_round_goe
     )
 
 
-def test_one_malicious_update_moves_the_median_only_inside_the_honest_range(tmp_path: Path) -> None:
-    robust = '\n[aggregation]\nrule = "median"\nmax_update_norm = 500.0\n'
-    server, tokens = start(tmp_path, 4, {"min_clients": 4, "min_fit": 4, "min_updates": 4}, extra=robust)
+def test_one_malicious_update_moves_the_median_only_inside_the_honest_range(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
+    robust = '\n[aggregation]\nrule = "median"\nmax_update_norm = 2000.0\n'
+    server, tokens = start(
+        tmp_path, 4, {"min_clients": 4, "min_fit": 4, "min_updates": 4}, extra=robust, tiny_bundle=tiny_bundle
+    )
     try:
         clients = [RawClient(server.address, token) for token in tokens]
         for client in clients:
@@ -223,11 +243,11 @@ FUZZ_CODES = {
 
 
 @pytest.fixture(scope="module")
-def fuzz_target(tmp_path_factory: pytest.TempPathFactory):
+def fuzz_target(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path):
     """An aggregator waiting for more clients than there are, so every update that survives all
     checks is still refused (no round is open) and nothing the fuzzer sends can be committed."""
     folder = tmp_path_factory.mktemp("fuzz")
-    server, tokens = start(folder, 1, {"min_clients": 3})
+    server, tokens = start(folder, 1, {"min_clients": 3}, tiny_bundle=tiny_bundle)
     client = RawClient(server.address, tokens[0])
     yield server, client, folder
     server.kill()
@@ -294,10 +314,12 @@ def test_after_the_fuzz_the_daemon_serves_and_its_state_is_untouched(fuzz_target
     assert store.rounds() == [] and store.open_round() is None
 
 
-def test_bad_reports_are_refused_at_the_door_and_never_reach_the_commit(tmp_path: Path) -> None:
+def test_bad_reports_are_refused_at_the_door_and_never_reach_the_commit(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
     """Each report that once stopped the round driver or filled the store and log (issue 10,
     points 1 and 7) is refused with INVALID_ARGUMENT; the honest round commits as sent."""
-    server, tokens = start(tmp_path, 3, server={"max_examples": 1000})
+    server, tokens = start(tmp_path, 3, server={"max_examples": 1000}, tiny_bundle=tiny_bundle)
     forged = "dev\n2026-01-01 00:00:00 INFO round 1/1 committed\x1b[2J"
     try:
         clients = [RawClient(server.address, tokens[0], name=forged)]
@@ -340,11 +362,13 @@ def test_bad_reports_are_refused_at_the_door_and_never_reach_the_commit(tmp_path
     assert all(name.isprintable() and len(name) < 100 for name in names)
 
 
-def test_a_round_whose_aggregation_fails_is_played_again_and_the_daemon_lives(tmp_path: Path) -> None:
+def test_a_round_whose_aggregation_fails_is_played_again_and_the_daemon_lives(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
     """The server half raises in its first aggregation (after changing its state, as a bug
     would): one log line, the round is taken up again from the store with its updates, and the
     committed state holds nothing of the failed attempt."""
-    config = write_config(tmp_path / "aggregator.toml", ROUNDS)
+    config = write_config(tmp_path / "aggregator.toml", ROUNDS, bundle=tiny_bundle)
     store = SQLiteStore(tmp_path / "state.sqlite")
     tokens = [store.issue_token() for _ in range(3)]
     store.close()

@@ -10,7 +10,9 @@ from pathlib import Path
 from loadtest import LoadRun
 
 
-def test_fifty_clients_survive_an_aggregator_crash_and_30_percent_dropouts(tmp_path: Path) -> None:
+def test_fifty_clients_survive_an_aggregator_crash_and_30_percent_dropouts(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
     run = LoadRun(
         tmp_path,
         clients=50,
@@ -18,7 +20,7 @@ def test_fifty_clients_survive_an_aggregator_crash_and_30_percent_dropouts(tmp_p
         processes=10,
         kill_fraction=0.3,
         train_s=0.5,
-        shape=(16, 64),
+        bundle=tiny_bundle,  # ctx 16 x 64
         poll_s=0.5,
     )
     report = run.play()

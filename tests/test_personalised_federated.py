@@ -44,21 +44,26 @@ def check_pfedmoap(records: list[RoundRecord], final: RoundRecord) -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "training", "check"),
+    ("method", "training", "own", "check"),
     [
-        ("dpfpl", 'rank = 2\ndp = "sample"\nglobal_noise_multiplier = 2.0\nglobal_clip = 0.5\n', check_dpfpl),
-        ("pfedmoap", "experts = 3\n", check_pfedmoap),
+        (
+            "dpfpl",
+            'dp = "sample"\n',
+            "[dpfpl]\nrank = 2\n[dpfpl.server]\nglobal_noise_multiplier = 2.0\nglobal_clip = 0.5\n",
+            check_dpfpl,
+        ),
+        ("pfedmoap", "", "[pfedmoap]\nexperts = 3\n", check_pfedmoap),
     ],
 )
 def test_two_client_processes_train_a_personalised_method_through_a_real_aggregator(
-    method: str, training: str, check, tiny_bundle: Path, tmp_path: Path
+    method: str, training: str, own: str, check, tiny_bundle: Path, tmp_path: Path
 ) -> None:
     port = closed_port()
-    config = write_config(tmp_path / "aggregator.toml", ROUNDS, {"port": port})
+    config = write_config(
+        tmp_path / "aggregator.toml", ROUNDS, {"port": port}, bundle=tiny_bundle, method=method
+    )
     config.write_text(
-        config.read_text()
-        + f'\n[method]\nname = "{method}"\n'
-        + f"\n[training]\nn_ctx = {N_CTX}\nbatch_size = 8\nlr = 0.01\n{training}"
+        config.read_text() + f"\n[training]\nn_ctx = {N_CTX}\nbatch_size = 8\nlr = 0.01\n{training}\n{own}"
     )
     state = tmp_path / "state.sqlite"
     store = SQLiteStore(state)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from colour_images import write_colour_folder
 
-from aggregator.strategies.base import ClientUpdate
+from aggregator.strategies.base import ClientUpdate, ServerStrategy
 from aggregator.strategies.registry import SERVER_STRATEGIES
 from edge_client.methods.base import RoundTask
 from edge_client.methods.local_state import load_tensors, state_file
@@ -21,7 +21,13 @@ from edge_client.methods.registry import CLIENT_METHODS
 from edge_client.prompt_encoder import PromptTextEncoder
 from edge_client.training import normalise
 from edge_client.workspace import ClientWorkspace
-from fedprompt.common.settings import SettingsError, TrainingSettings
+from fedprompt.common.methods import RunSettings, TaskSettings
+from fedprompt.common.settings import SettingsError
+
+
+def server_half(method: str, values: dict, **kwargs: object) -> ServerStrategy:
+    """The method's server half for these (flat) settings."""
+    return SERVER_STRATEGIES[method](RunSettings.from_flat(method, values), **kwargs)
 
 
 def test_server_sends_exactly_the_k_minus_1_nearest_non_local_prompts_of_its_pool() -> None:
@@ -33,8 +39,8 @@ def test_server_sends_exactly_the_k_minus_1_nearest_non_local_prompts_of_its_poo
         direction = rng.normal(0, 1, own.shape)
         uploads[client] = own + distance * direction / np.linalg.norm(direction)
     uploads["same_direction"] = 3 * own  # nearest by cosine, far by L2: must not be chosen
-    strategy = SERVER_STRATEGIES["pfedmoap"]({"experts": 4})
-    state = strategy.initial_state()
+    strategy = server_half("pfedmoap", {"experts": 4})
+    state: dict[str, np.ndarray] = {}  # before round 1: zero
     assert strategy.tensors_for_client(state, "me") == {}  # round 1: no global prompt, no pool
     updates = [
         ClientUpdate(c, {"ctx": p.astype(np.float32)}, num_examples=1 + i)
@@ -46,13 +52,15 @@ def test_server_sends_exactly_the_k_minus_1_nearest_non_local_prompts_of_its_poo
     np.testing.assert_allclose(state["ctx"], expected_mean, rtol=1e-5)  # FedAvg by example count
     assert metrics["pool_size"] == len(uploads)
 
-    restarted = SERVER_STRATEGIES["pfedmoap"]({"experts": 4})  # the pool survives via the state
+    restarted = SERVER_STRATEGIES["pfedmoap"](
+        RunSettings.from_flat("pfedmoap", {"experts": 4})
+    )  # the pool survives via the state
     restarted.load_state_dict(strategy.state_dict())
     sent = restarted.tensors_for_client(state, "me")
     np.testing.assert_array_equal(sent["ctx"], state["ctx"])
     np.testing.assert_allclose(sent["experts"], np.stack([uploads[c] for c in ("d", "a", "f")]), rtol=1e-6)
     assert "experts" not in restarted.tensors_for_client(state, "newcomer")  # first time: no experts
-    small = SERVER_STRATEGIES["pfedmoap"]({"experts": 10})
+    small = server_half("pfedmoap", {"experts": 10})
     small.aggregate({}, updates[:3])
     assert small.tensors_for_client(state, "me")["experts"].shape == (2, 4, 8)  # fewer than K-1 exist
 
@@ -99,6 +107,11 @@ def colour_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_colour_folder(tmp_path_factory.mktemp("colours") / "train", per_class=10)
 
 
+def _sent(settings: dict) -> dict:
+    """What a round task carries for these (flat) settings."""
+    return RunSettings.from_flat("pfedmoap", settings).task.to_dict()
+
+
 def test_gating_stays_on_the_device_and_expert_features_are_computed_once_per_round(
     tiny_bundle: Path, colour_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -109,13 +122,13 @@ def test_gating_stays_on_the_device_and_expert_features_are_computed_once_per_ro
     client = CLIENT_METHODS["pfedmoap"](workspace)
     settings = {"n_ctx": 4, "batch_size": 8, "lr": 0.05, "experts": 3, "local_epochs": 2}
     width = workspace.text_width
-    first = client.run_round(RoundTask("run-b", 1, "pfedmoap", settings, {}, 0.0))
+    first = client.run_round(RoundTask("run-b", 1, "pfedmoap", _sent(settings), {}, 0.0))
     assert not state_file(state, "pfedmoap", "run-b").exists()  # no experts yet: gating not trained
     rng = np.random.default_rng(0)
     experts = rng.normal(0, 0.02, (2, 4, width)).astype(np.float32)
     tensors = {"ctx": first.tensors["ctx"], "experts": experts}
     counting.calls.clear()
-    second = client.run_round(RoundTask("run-b", 2, "pfedmoap", settings, tensors, 0.0))
+    second = client.run_round(RoundTask("run-b", 2, "pfedmoap", _sent(settings), tensors, 0.0))
     assert [counting.count(torch.from_numpy(e)) for e in experts] == [1, 1]  # once per round ...
     assert len(counting.calls) >= 2 * 4 + 2  # ... while the local prompt is encoded every step (8 steps)
     assert set(second.tensors) == {"ctx"} and second.tensors["ctx"].shape == (4, width)  # no gating up
@@ -127,9 +140,11 @@ def test_gating_stays_on_the_device_and_expert_features_are_computed_once_per_ro
     assert gating["query.weight"].shape == (32, 32)  # the tiny model's 32-dim features: gating width 32
 
     restarted = CLIENT_METHODS["pfedmoap"](workspace)  # a new process over the same state folder
-    task = RoundTask("run-b", 3, "pfedmoap", settings, tensors, 0.0)
-    loaded = restarted.gating(task, TrainingSettings.from_dict(settings), 32)
+    task = RoundTask("run-b", 3, "pfedmoap", _sent(settings), tensors, 0.0)
+    loaded = restarted.gating(task, TaskSettings.from_dict("pfedmoap", task.settings), 32)
     for name, tensor in gating.items():
         np.testing.assert_array_equal(loaded.state_dict()[name].numpy(), tensor)
     with pytest.raises(SettingsError, match='set dp = "client"'):
-        restarted.run_round(RoundTask("run-b", 3, "pfedmoap", {**settings, "dp": "sample"}, tensors, 0.0))
+        restarted.run_round(
+            RoundTask("run-b", 3, "pfedmoap", _sent({**settings, "dp": "sample"}), tensors, 0.0)
+        )

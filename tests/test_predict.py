@@ -24,7 +24,7 @@ from edge_client.methods.base import RoundTask
 from edge_client.methods.registry import CLIENT_METHODS
 from edge_client.predict import DeviceClassifier
 from edge_client.workspace import ClientWorkspace
-from fedprompt.common.settings import TrainingSettings
+from fedprompt.common.methods import RunSettings
 from fedprompt.harness.in_process import FederationRules, run_federated
 
 FEDPROMPT = [FEDPROMPT_SCRIPT]
@@ -56,8 +56,10 @@ def finished(request: pytest.FixtureRequest, tiny_bundle: Path, tmp_path_factory
     method = request.param
     root = tmp_path_factory.mktemp(method)
     workspaces = _clients(tiny_bundle, root)
-    settings = TrainingSettings(n_ctx=2, batch_size=8, lr=0.02, **METHOD_SETTINGS[method])
-    run = run_federated(method, settings, workspaces, FederationRules(rounds=2), root / "agg.sqlite")
+    settings = RunSettings.from_flat(
+        method, {"n_ctx": 2, "batch_size": 8, "lr": 0.02, **METHOD_SETTINGS[method]}
+    )
+    run = run_federated(settings, workspaces, FederationRules(rounds=2), root / "agg.sqlite")
     return method, root, workspaces, run
 
 

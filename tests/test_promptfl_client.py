@@ -18,8 +18,8 @@ from edge_client.methods.base import RoundTask
 from edge_client.methods.registry import CLIENT_METHODS
 from edge_client.training import prompt_loss
 from edge_client.workspace import ClientWorkspace, WorkspaceError
+from fedprompt.common.methods import RunSettings, TaskSettings
 from fedprompt.common.privacy import BudgetExceeded, PrivacyAccountant
-from fedprompt.common.settings import TrainingSettings
 
 FAST = {"n_ctx": 4, "lr": 0.05, "local_epochs": 1, "batch_size": 8}
 
@@ -34,7 +34,8 @@ def _workspace(bundle: Path, data: Path, state: Path) -> ClientWorkspace:
 
 
 def _task(round_id: int, settings: dict, tensors: dict | None = None) -> RoundTask:
-    return RoundTask("run", round_id, "promptfl", settings, tensors or {}, deadline_unix=0.0)
+    task_settings = RunSettings.from_flat("promptfl", settings).task.to_dict()
+    return RoundTask("run", round_id, "promptfl", task_settings, tensors or {}, deadline_unix=0.0)
 
 
 def _epsilon(*entries: tuple[float, float, int], delta: float = 1e-5) -> float:
@@ -51,7 +52,8 @@ def test_rounds_of_local_training_reduce_the_loss(
     assert n_train + len(workspace.evaluation) == 40 and 24 <= n_train < 40  # about 20% held out
     client = CLIENT_METHODS["promptfl"](workspace)
     settings = {**FAST, "local_epochs": 5, "optimizer": "adam"}
-    start = client.start_context(_task(1, settings), TrainingSettings.from_dict(settings))
+    task = _task(1, settings)
+    start = client.prepare(task, TaskSettings.from_dict("promptfl", task.settings)).params["ctx"]
     result = client.run_round(_task(1, settings))
     assert result.tensors["ctx"].shape == (4, workspace.text_width) and result.num_examples == n_train
     for round_id in (2, 3):

@@ -12,7 +12,9 @@ from aggregator.store import SQLiteStore
 from edge_client.pending_upload import PENDING_FILE
 
 
-def test_a_slow_heartbeating_client_is_waited_for_and_a_late_update_is_refused(tmp_path: Path) -> None:
+def test_a_slow_heartbeating_client_is_waited_for_and_a_late_update_is_refused(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
     rounds = {
         "rounds": 1,
         "min_clients": 3,
@@ -23,15 +25,19 @@ def test_a_slow_heartbeating_client_is_waited_for_and_a_late_update_is_refused(t
         "heartbeat_interval_s": 0.4,
         "client_timeout_s": 1.5,
     }
-    config = write_config(tmp_path / "aggregator.toml", rounds)
+    config = write_config(tmp_path / "aggregator.toml", rounds, bundle=tiny_bundle)
     store = SQLiteStore(tmp_path / "state.sqlite")
     (tmp_path / "tokens").write_text("\n".join(store.issue_token(f"light {i}") for i in range(3)))
     store.close()
     server = AggregatorProcess(config)
     state, tokens = tmp_path / "clients", tmp_path / "tokens"
-    quick = LightClients(server.address, tokens, state, 0, 1)
-    slow = LightClients(server.address, tokens, state, 1, 1, "--train-s", "3.0")  # 2x client_timeout_s
-    late = LightClients(server.address, tokens, state, 2, 1, "--train-s", "7.0")  # past the deadline
+    quick = LightClients(server.address, tokens, state, 0, 1, bundle=tiny_bundle)
+    slow = LightClients(
+        server.address, tokens, state, 1, 1, "--train-s", "3.0", bundle=tiny_bundle
+    )  # 2x client_timeout_s
+    late = LightClients(
+        server.address, tokens, state, 2, 1, "--train-s", "7.0", bundle=tiny_bundle
+    )  # past the deadline
     try:
         server.wait_for_log(r"round 1/1 committed: 2 clients", timeout=30)
         late.wait_for_log(r"client-2-heartbeat round 1 closed while this client trains")

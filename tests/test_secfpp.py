@@ -13,8 +13,8 @@ from colour_images import write_colour_folder
 from sklearn.metrics import adjusted_rand_score
 
 from aggregator.config import ConfigError, load_config
-from aggregator.rounds import RoundCoordinator
 from aggregator.store import SQLiteStore
+from aggregator.strategies.base import ServerStrategy
 from aggregator.strategies.registry import SERVER_STRATEGIES
 from edge_client.bundle import Bundle
 from edge_client.methods.domain_clusters import nearest, slot_upload
@@ -22,13 +22,18 @@ from edge_client.methods.local_state import METHOD_STATE_DIR, load_tensors
 from edge_client.prompt_encoder import PromptTextEncoder
 from edge_client.prompts import tokenize_class_prompts
 from edge_client.workspace import ClientWorkspace
+from fedprompt.common.methods import RunSettings
 from fedprompt.common.secagg import Quantizer, SecAggConfig
 from fedprompt.common.secagg.loopback import run_loopback
 from fedprompt.common.secure_round import SecureRoundParams, SumLayout
-from fedprompt.common.settings import TrainingSettings
 from fedprompt.harness.experiment_config import load_experiment_config
 from fedprompt.harness.in_process import FederationRules, run_federated
 from fedprompt.harness.round_metrics import round_row
+
+
+def server_half(method: str, values: dict, **kwargs: object) -> ServerStrategy:
+    """The method's server half for these (flat) settings."""
+    return SERVER_STRATEGIES[method](RunSettings.from_flat(method, values), **kwargs)
 
 
 def test_a_context_per_class_encodes_each_class_like_its_shared_context(tiny_bundle: Path) -> None:
@@ -55,7 +60,7 @@ def blobs(per_domain: int, dim: int, seed: int) -> tuple[np.ndarray, list[int]]:
 def test_secure_clustering_recovers_three_separated_domains() -> None:
     slots, dim, n = 4, 8, 12
     points, truth = blobs(n // 3, dim, seed=3)
-    strategy = SERVER_STRATEGIES["secfpp"]({"clusters": slots, "cluster_dim": dim, "split_gain": 0.1})
+    strategy = server_half("secfpp", {"clusters": slots, "cluster_dim": dim, "split_gain": 0.1})
     params = SecureRoundParams(b"-", 0, 7, None, 32, 1.0, 0.0)  # uniform weights, as SecFPP asks
     state: dict[str, np.ndarray] = {}
     history = []
@@ -116,7 +121,7 @@ def test_the_summed_statistic_does_not_tell_apart_two_pairs_or_triples_with_the_
 
 
 def test_a_cluster_under_the_minimum_size_is_not_released_and_its_clients_join_another() -> None:
-    strategy = SERVER_STRATEGIES["secfpp"]({"clusters": 3, "cluster_dim": 4, "min_cluster_size": 3})
+    strategy = server_half("secfpp", {"clusters": 3, "cluster_dim": 4, "min_cluster_size": 3})
     points = [unit(np.array([1.0, 0.1 * i, 0, 0])) for i in range(4)]
     points += [unit(np.array([0, 0, 1.0, 0.1 * i])) for i in range(2)]  # a slot of two
     slots = [0, 0, 0, 0, 1, 1]
@@ -161,16 +166,15 @@ def write_toml(path: Path, method: str, extra: str = "") -> Path:
     ],
 )
 def test_methods_refuse_a_secure_aggregation_setting_they_cannot_work_with(
-    method: str, extra: str, message: str, tmp_path: Path
+    method: str, extra: str, message: str, tmp_path: Path, tiny_bundle: Path
 ) -> None:
-    config = load_config(write_toml(tmp_path / "a.toml", method, extra))
-    store = SQLiteStore(tmp_path / "s.sqlite")
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        RoundCoordinator(store, config)
-    store.close()
+    """At start, before serving: the config is checked against the method's spec."""
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")) as error:
+        load_config(write_toml(tmp_path / "a.toml", method, tiny_bundle, extra))
+    assert "\n" not in str(error.value)
     robust = '[aggregation]\nrule = "median"\n[secure_aggregation]\nenabled = true\n'
     with pytest.raises(ConfigError, match="secure aggregation gives the server only the sum"):
-        load_config(write_toml(tmp_path / "b.toml", "promptfl", robust))
+        load_config(write_toml(tmp_path / "b.toml", "promptfl", tiny_bundle, robust))
 
 
 def test_secfpp_runs_in_the_harness_with_local_clusters_and_sums_only_at_the_server(
@@ -184,8 +188,10 @@ def test_secfpp_runs_in_the_harness_with_local_clusters_and_sums_only_at_the_ser
         )
         for i in range(4)
     ]
-    settings = TrainingSettings(n_ctx=4, batch_size=8, lr=0.01, clusters=2, cluster_dim=4)
-    run = run_federated("secfpp", settings, workspaces, FederationRules(rounds=2), tmp_path / "agg.sqlite")
+    settings = RunSettings.from_flat(
+        "secfpp", {"n_ctx": 4, "batch_size": 8, "lr": 0.01, "clusters": 2, "cluster_dim": 4}
+    )
+    run = run_federated(settings, workspaces, FederationRules(rounds=2), tmp_path / "agg.sqlite")
 
     store = SQLiteStore(tmp_path / "agg.sqlite", read_only=True)
     stored = store.rounds()

@@ -43,6 +43,7 @@ heartbeat_interval_s = 1.0
 client_timeout_s = 60.0
 [method]
 name = "secfpp"
+bundle = "BUNDLE"
 [secure_aggregation]
 enabled = true
 threshold = 3
@@ -52,6 +53,7 @@ batch_size = 8
 lr = 0.01
 dp = "sample"
 noise_multiplier = 1.0
+[secfpp]
 clusters = 2
 cluster_dim = 4
 """
@@ -149,7 +151,7 @@ def test_the_server_receives_only_masked_bytes_and_never_a_class_level_prompt(
     tiny_bundle: Path, tmp_path: Path
 ) -> None:
     config_path = tmp_path / "aggregator.toml"
-    config_path.write_text(CONFIG)
+    config_path.write_text(CONFIG.replace("BUNDLE", str(tiny_bundle)))
     config = load_config(config_path)
     store = SQLiteStore(config.state_path)
     tokens = [store.issue_token(f"device {i}") for i in range(CLIENTS)]

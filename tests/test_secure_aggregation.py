@@ -35,9 +35,9 @@ step_timeout_s = 30.0
 """
 
 
-def setup_run(tmp_path: Path, rounds: int) -> tuple[Path, Path]:
+def setup_run(tmp_path: Path, rounds: int, bundle: Path) -> tuple[Path, Path]:
     config = write_config(
-        tmp_path / "aggregator.toml", {**ROUNDS, "rounds": rounds}, {"update_encoding": "fp32"}
+        tmp_path / "aggregator.toml", {**ROUNDS, "rounds": rounds}, {"update_encoding": "fp32"}, bundle=bundle
     )
     config.write_text(config.read_text() + SECURE)
     store = SQLiteStore(tmp_path / "state.sqlite")
@@ -49,14 +49,14 @@ def setup_run(tmp_path: Path, rounds: int) -> tuple[Path, Path]:
 
 
 def start_clients(
-    address: str, tokens: Path, state: Path, crash: dict[int, tuple[int, int]]
+    address: str, tokens: Path, state: Path, crash: dict[int, tuple[int, int]], bundle: Path
 ) -> list[LightClients]:
     """The clients not in `crash` share one process; each crashing one (round, step) has its own."""
     steady = [i for i in range(CLIENTS) if i not in crash]
-    groups = [LightClients(address, tokens, state, steady[0], len(steady))]
+    groups = [LightClients(address, tokens, state, steady[0], len(steady), bundle=bundle)]
     for index, (round_id, step) in sorted(crash.items()):
         where = ("--crash-round", str(round_id), "--crash-after-step", str(step))
-        groups.append(LightClients(address, tokens, state, index, 1, *where))
+        groups.append(LightClients(address, tokens, state, index, 1, *where, bundle=bundle))
     return groups
 
 
@@ -65,12 +65,14 @@ def index_of(state: Path) -> dict[str, int]:
     return {t.client_id: int(t.label.split()[1]) for t in store.tokens() if t.client_id}
 
 
-def test_the_sum_is_the_plain_weighted_mean_and_survives_dropouts_between_steps(tmp_path: Path) -> None:
-    config, tokens = setup_run(tmp_path, rounds=2)
+def test_the_sum_is_the_plain_weighted_mean_and_survives_dropouts_between_steps(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
+    config, tokens = setup_run(tmp_path, rounds=2, bundle=tiny_bundle)
     server = AggregatorProcess(config)
     # in round 2, clients 5 and 6 die after sharing their keys, before uploading their masked input:
     # n - 1 - threshold = 2 dropouts are tolerated (threshold 4: a majority of 7)
-    clients = start_clients(server.address, tokens, tmp_path / "clients", {5: (2, 1), 6: (2, 1)})
+    clients = start_clients(server.address, tokens, tmp_path / "clients", {5: (2, 1), 6: (2, 1)}, tiny_bundle)
     try:
         server.wait_for_log(r"round 2/2 committed", timeout=120)
         assert clients[0].wait(30) == 0, clients[0].log
@@ -83,7 +85,7 @@ def test_the_sum_is_the_plain_weighted_mean_and_survives_dropouts_between_steps(
     state = tmp_path / "state.sqlite"
     store = SQLiteStore(state, read_only=True)
     index = index_of(state)
-    previous: dict[str, np.ndarray] = {}
+    previous = store.global_tensors(0)  # the spec's initial state
     for record, kept in zip(store.rounds(), (list(range(7)), [0, 1, 2, 3, 4]), strict=True):
         assert sorted(index[c] for c in record.metrics["clients"]) == kept
         session = record.metrics["secure_aggregation"]
@@ -100,12 +102,14 @@ def test_the_sum_is_the_plain_weighted_mean_and_survives_dropouts_between_steps(
         previous = {"ctx": got}
 
 
-def test_one_dropout_past_the_threshold_fails_the_attempt_clearly_and_commits_nothing(tmp_path: Path) -> None:
-    config, tokens = setup_run(tmp_path, rounds=1)
+def test_one_dropout_past_the_threshold_fails_the_attempt_clearly_and_commits_nothing(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
+    config, tokens = setup_run(tmp_path, rounds=1, bundle=tiny_bundle)
     server = AggregatorProcess(config)
     # 3 of 7 die after uploading their masked input: a survivor's seed has 3 shares left, threshold 4
     crash = {index: (1, 2) for index in (4, 5, 6)}
-    clients = start_clients(server.address, tokens, tmp_path / "clients", crash)
+    clients = start_clients(server.address, tokens, tmp_path / "clients", crash, tiny_bundle)
     try:
         server.wait_for_log(r"secure aggregation attempt 1 failed: unmask: too many dropouts", timeout=120)
         assert [group.wait(10) for group in clients[1:]] == [17, 17, 17]
@@ -120,14 +124,14 @@ def test_one_dropout_past_the_threshold_fails_the_attempt_clearly_and_commits_no
 
 
 def test_a_daemon_killed_mid_session_runs_the_round_again_with_fresh_keys_without_retraining(
-    tmp_path: Path,
+    tmp_path: Path, tiny_bundle: Path
 ) -> None:
-    config, tokens = setup_run(tmp_path, rounds=1)
+    config, tokens = setup_run(tmp_path, rounds=1, bundle=tiny_bundle)
     config.write_text(config.read_text().replace("port = 0", f"port = {free_port()}"))
     servers = [AggregatorProcess(config)]
     # client 6 dies after advertising its keys, so the share-keys step stays open for client_timeout_s
     # and no masked input has left a device when the daemon dies
-    clients = start_clients(servers[0].address, tokens, tmp_path / "clients", {6: (1, 0)})
+    clients = start_clients(servers[0].address, tokens, tmp_path / "clients", {6: (1, 0)}, tiny_bundle)
     try:
         clients[0].wait_for_log(r"secure aggregation: advertise keys sent", times=6)
         servers[0].kill()
@@ -147,22 +151,24 @@ def test_a_daemon_killed_mid_session_runs_the_round_again_with_fresh_keys_withou
     (record,) = SQLiteStore(state, read_only=True).rounds()
     assert sorted(index_of(state)[c] for c in record.metrics["clients"]) == list(range(6))
     got = SQLiteStore(state, read_only=True).global_tensors(1)["ctx"]
-    want = expected_global({}, range(6), 1, "fp32")
+    want = expected_global(SQLiteStore(state, read_only=True).global_tensors(0), range(6), 1, "fp32")
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_an_attempt_that_fails_after_masked_inputs_went_out_is_retried_only_with_fresh_training(
-    tmp_path: Path,
+    tmp_path: Path, tiny_bundle: Path
 ) -> None:
-    config, tokens = setup_run(tmp_path, rounds=1)
+    config, tokens = setup_run(tmp_path, rounds=1, bundle=tiny_bundle)
     server = AggregatorProcess(config)
     # 4 of 7 die after uploading their masked input: 3 survivors sign, fewer than the threshold 4
     crash = {index: (1, 2) for index in (3, 4, 5, 6)}
-    clients = start_clients(server.address, tokens, tmp_path / "clients", crash)
+    clients = start_clients(server.address, tokens, tmp_path / "clients", crash, tiny_bundle)
     try:
         server.wait_for_log(r"attempt 1 failed: survivor signature: only 3 survivors signed", timeout=120)
         assert [group.wait(20) for group in clients[1:]] == [17] * 4
-        back = LightClients(server.address, tokens, tmp_path / "clients", 3, 4)  # restarted, same state
+        back = LightClients(
+            server.address, tokens, tmp_path / "clients", 3, 4, bundle=tiny_bundle
+        )  # restarted, same state
         server.wait_for_log(r"round 1/1 committed", timeout=120)
         assert clients[0].wait(30) == 0 and back.wait(30) == 0
         assert server.terminate() == 0

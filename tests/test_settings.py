@@ -1,15 +1,18 @@
-"""The training settings both halves parse: defaults, round trip, and one-line errors for bad values."""
+"""The settings both halves parse: the core section's defaults, round trip and one-line errors, and
+the per-method sections: what tasks carry, settings of other methods, the run's identity."""
 
 from __future__ import annotations
 
 import ast
 import json
-from dataclasses import fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from fedprompt.common.settings import SERVER_ONLY_SETTINGS, SettingsError, TrainingSettings
+from fedprompt.common.methods import METHOD_SPECS, RunSettings, TaskSettings
+from fedprompt.common.methods.promptfl import PromptFLServer
+from fedprompt.common.settings import SettingsError, TrainingSettings
 
 EDGE_CLIENT = Path(__file__).parents[1] / "edge_client"
 
@@ -44,21 +47,50 @@ def test_bad_values_are_one_clear_line(values: dict, fragment: str) -> None:
     assert fragment in str(error.value) and "\n" not in str(error.value)
 
 
-def test_round_tasks_carry_every_setting_but_the_server_only_ones() -> None:
-    assert {f.name for f in fields(TrainingSettings)} >= SERVER_ONLY_SETTINGS
-    settings = TrainingSettings(server_lr=0.5, global_noise_multiplier=1.0, n_ctx=4, dp="client")
-    sent = settings.for_clients()
-    assert set(sent) == {f.name for f in fields(TrainingSettings)} - SERVER_ONLY_SETTINGS
-    parsed = TrainingSettings.from_dict(json.loads(json.dumps(sent)))  # what a device reads
-    assert parsed.n_ctx == 4 and parsed.dp == "client" and parsed.server_lr == 1.0
+def test_round_tasks_carry_the_core_and_the_methods_client_section_only() -> None:
+    settings = RunSettings.from_flat(
+        "dpfpl", {"n_ctx": 4, "dp": "sample", "rank": 2, "global_noise_multiplier": 1.0}
+    )
+    sent = json.loads(json.dumps(settings.task.to_dict()))
+    assert set(sent) == {"core", "client"} and sent["client"] == {"rank": 2}  # no server section
+    parsed = TaskSettings.from_dict("dpfpl", sent)  # what a device reads
+    assert parsed == settings.task and parsed.core.n_ctx == 4 and parsed.client.rank == 2
+    assert RunSettings.from_flat("promptfl", {"n_ctx": 4}).task.to_dict()["client"] == {}
 
 
-def test_no_client_code_reads_a_server_only_setting() -> None:
-    """Devices get the defaults for server-only settings, so reading one there would be a bug."""
+def test_a_setting_of_another_method_is_one_clear_line() -> None:
+    with pytest.raises(SettingsError, match="setting 'rank' belongs to method dpfpl, not to promptfl"):
+        RunSettings.from_flat("promptfl", {"rank": 2})
+    with pytest.raises(SettingsError, match="unknown setting"):
+        TaskSettings.from_dict("promptfl", {"core": {}, "client": {"rank": 2}})
+
+
+def test_the_run_identity_keeps_only_values_that_differ_from_the_defaults() -> None:
+    """A later version's new setting with a default leaves existing runs' identity unchanged."""
+    settings = RunSettings.from_flat("promptfl", {"n_ctx": 4, "lr": 0.002, "server_lr": 0.5})
+    assert settings.identity() == {
+        "method": "promptfl",
+        "core": {"n_ctx": 4},
+        "client": {},
+        "server": {"server_lr": 0.5},
+    }
+
+    @dataclass(frozen=True)
+    class NewerServer(PromptFLServer):  # the server section of a later version
+        server_momentum: float = 0.0
+
+    newer = RunSettings(settings.task, NewerServer(server_lr=0.5))
+    assert newer.identity() == settings.identity()
+
+
+def test_no_client_code_reads_a_server_setting() -> None:
+    """Devices never get the server sections, so reading one there would be a bug."""
+    server_only = {name for spec in METHOD_SPECS.values() for name in spec.server_settings.names()}
+    assert server_only >= {"server_lr", "global_clip", "global_noise_multiplier", "split_gain"}
     readers = [
         f"{path.relative_to(EDGE_CLIENT)}:{node.lineno} .{node.attr}"
         for path in sorted(EDGE_CLIENT.rglob("*.py"))
         for node in ast.walk(ast.parse(path.read_text()))
-        if isinstance(node, ast.Attribute) and node.attr in SERVER_ONLY_SETTINGS
+        if isinstance(node, ast.Attribute) and node.attr in server_only
     ]
     assert readers == []

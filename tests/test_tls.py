@@ -38,11 +38,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def tls_server(tmp_path: Path, pki: Path, mutual: bool) -> tuple[AggregatorProcess, str]:
+def tls_server(tmp_path: Path, pki: Path, mutual: bool, tiny_bundle: Path) -> tuple[AggregatorProcess, str]:
     server = {"tls_cert": str(pki / "server.pem"), "tls_key": str(pki / "server.key")}
     if mutual:
         server["tls_client_ca"] = str(pki / "ca.pem")
-    config = write_config(tmp_path / "aggregator.toml", ROUNDS, server)
+    config = write_config(tmp_path / "aggregator.toml", ROUNDS, server, bundle=tiny_bundle)
     store = SQLiteStore(tmp_path / "state.sqlite")
     token = store.issue_token("tls")
     store.close()
@@ -70,9 +70,9 @@ def test_certs_command_writes_private_keys_0600_and_never_overwrites(pki: Path) 
 
 
 def test_tls_serves_clients_that_trust_the_ca_and_refuses_others_in_one_line(
-    tmp_path: Path, pki: Path, tmp_path_factory: pytest.TempPathFactory
+    tmp_path: Path, pki: Path, tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path
 ) -> None:
-    server, token = tls_server(tmp_path, pki, mutual=False)
+    server, token = tls_server(tmp_path, pki, mutual=False, tiny_bundle=tiny_bundle)
     try:
         assert "(TLS)" in server.log
         trusted = AggregatorLink(
@@ -105,8 +105,10 @@ def test_tls_serves_clients_that_trust_the_ca_and_refuses_others_in_one_line(
         server.kill()
 
 
-def test_mutual_tls_refuses_a_client_without_a_certificate(tmp_path: Path, pki: Path) -> None:
-    server, token = tls_server(tmp_path, pki, mutual=True)
+def test_mutual_tls_refuses_a_client_without_a_certificate(
+    tmp_path: Path, pki: Path, tiny_bundle: Path
+) -> None:
+    server, token = tls_server(tmp_path, pki, mutual=True, tiny_bundle=tiny_bundle)
     try:
         assert "(mutual TLS)" in server.log
         anonymous = AggregatorLink(
@@ -128,7 +130,7 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(tmp_path: Path, pki: 
 
 
 def test_outside_loopback_the_daemon_needs_tls_or_an_explicit_allow_insecure(
-    tmp_path: Path, pki: Path
+    tmp_path: Path, pki: Path, tiny_bundle: Path
 ) -> None:
     refused = subprocess.run(
         [FEDPROMPT, "aggregator", "serve", "--host", "0.0.0.0", "--state", str(tmp_path / "s.sqlite")],
@@ -142,11 +144,12 @@ def test_outside_loopback_the_daemon_needs_tls_or_an_explicit_allow_insecure(
         "(`fedprompt aggregator certs` makes them) or, knowingly, server.allow_insecure = true"
     ]
     config = tmp_path / "insecure.toml"
-    config.write_text('[server]\nhost = "0.0.0.0"\nallow_insecure = true\n')
+    named = f'[method]\nbundle = "{tiny_bundle}"\n'
+    config.write_text('[server]\nhost = "0.0.0.0"\nallow_insecure = true\n' + named)
     assert load_config(config).server.allow_insecure
     mismatched = tmp_path / "mismatched.toml"
     mismatched.write_text(
-        f'[server]\ntls_cert = "{pki / "server.pem"}"\ntls_key = "{pki / "client-dev1.key"}"\n'
+        f'[server]\ntls_cert = "{pki / "server.pem"}"\ntls_key = "{pki / "client-dev1.key"}"\n' + named
     )
     with pytest.raises(ConfigError, match=r"^server.tls_key is not the private key of server.tls_cert$"):
         server_credentials(load_config(mismatched))

@@ -10,6 +10,7 @@ import numpy as np
 
 from aggregator.strategies.combine import UpdateCombiner
 from aggregator.validation import Interval
+from fedprompt.common.methods import METHOD_SPECS, MethodSpec, RunSettings
 from fedprompt.common.secure_round import WeightedSum
 
 
@@ -28,38 +29,40 @@ class ServerStrategy(ABC):
     so that the aggregator can persist it atomically with each round; it may change only inside
     `aggregate`, whose result is committed in the same transaction as the round.
 
+    The global state before round 1 and the names and shapes of every update come from the
+    method's spec (`fedprompt.common.methods`) and the bundle's dimensions, not from here.
+
     Halves that average tensors do it through `self.combiner` (the configured mean or robust
     rule), so robustness is implemented once for all methods. Subclasses that override
     `__init__` pass `combiner` on.
 
-    Halves that need only the weighted sum of the updates set `sums_suffice` and implement
-    `aggregate_sum`; the aggregator may then sum the updates by secure aggregation, and must when
-    `needs_secure_aggregation` is set. `weighs_by_examples` False makes every client weigh 1 in
-    that sum (the server then learns exact counts instead of example totals)."""
+    Halves whose spec allows secure aggregation (`sums_suffice`) implement `aggregate_sum`: the
+    aggregator may then sum the updates securely, and must when the spec requires it."""
 
     name: ClassVar[str]
-    sums_suffice: ClassVar[bool] = False
-    needs_secure_aggregation: ClassVar[bool] = False
-    weighs_by_examples: ClassVar[bool] = True
     extra_metrics: ClassVar[dict[str, Interval]] = {}
     """Client metrics of this method beyond `aggregator.validation.METRIC_RANGES`, with their ranges."""
 
-    def __init__(self, settings: dict[str, Any], combiner: UpdateCombiner | None = None) -> None:
+    def __init__(self, settings: RunSettings, combiner: UpdateCombiner | None = None) -> None:
         self.settings = settings
         self.combiner = combiner or UpdateCombiner()
 
-    @abstractmethod
-    def initial_state(self) -> dict[str, np.ndarray]:
-        """The global tensors before round 1."""
+    @property
+    def spec(self) -> MethodSpec:
+        return METHOD_SPECS[self.name]
+
+    @property
+    def sums_suffice(self) -> bool:
+        return self.spec.secure_aggregation != "none"
+
+    @property
+    def weighs_by_examples(self) -> bool:
+        """False: every client weighs 1 in the sum (the server learns counts, not example totals)."""
+        return self.spec.weighs_by_examples
 
     def tensors_for_client(self, state: dict[str, np.ndarray], client_id: str) -> dict[str, np.ndarray]:
         """What this client is sent this round; by default the global state."""
         return state
-
-    def update_spec(self, state: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]] | None:
-        """Names and shapes every update must have; None = not known yet (e.g. before round 1),
-        then the first accepted update of the round sets them for the rest of the round."""
-        return {name: tensor.shape for name, tensor in state.items()} or None
 
     def update_reference(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """What an update's size is measured from (for `max_update_norm` and `norm_bound`): the

@@ -3,8 +3,8 @@ global DP when `global_noise_multiplier` > 0 (`aggregator.strategies.global_dp`:
 update clipped to `global_clip`, Gaussian noise on the sum, epsilon in the round metrics), else
 the aggregator's configured combiner (FedAvg by example count, or a robust rule).
 
-The global state is `{"ctx": [n_ctx, W]}`; before round 1 it is empty and stands for zero, which is
-where the clients start the global prompt (their local prompts carry the initialisation). The
+The global state is `{"ctx": [n_ctx, W]}`, zero before round 1 (the spec's): the clients' local
+prompts carry the initialisation. The
 local prompts never reach the server. See `edge_client.methods.dpfpl` for the client half and
 where fedprompt departs from the official code.
 """
@@ -19,7 +19,7 @@ from aggregator.config import ConfigError
 from aggregator.strategies import register
 from aggregator.strategies.base import ClientUpdate, ServerStrategy
 from aggregator.strategies.combine import UpdateCombiner
-from fedprompt.common.settings import TrainingSettings
+from fedprompt.common.methods import RunSettings
 
 if TYPE_CHECKING:
     from aggregator.strategies.global_dp import GlobalDP
@@ -29,23 +29,19 @@ if TYPE_CHECKING:
 class DPFPLStrategy(ServerStrategy):
     name = "dpfpl"
 
-    def __init__(self, settings: dict[str, Any], combiner: UpdateCombiner | None = None) -> None:
+    def __init__(self, settings: RunSettings, combiner: UpdateCombiner | None = None) -> None:
         super().__init__(settings, combiner)
-        parsed = TrainingSettings.from_dict(settings)
         self.global_dp: GlobalDP | None = None
-        if parsed.global_noise_multiplier > 0:
+        if settings.server.global_noise_multiplier > 0:
             # opacus (and torch under it) is loaded only for global DP: other servers stay light
             from aggregator.strategies.global_dp import GlobalDP
 
-            self.global_dp = GlobalDP.from_settings(parsed)
+            self.global_dp = GlobalDP.from_settings(settings)
         if self.global_dp is not None and self.combiner != UpdateCombiner():
             raise ConfigError(
-                "dpfpl with global DP (training.global_noise_multiplier > 0) averages clipped updates "
-                "itself: leave [aggregation] at its defaults"
+                "dpfpl with global DP (dpfpl.server.global_noise_multiplier > 0) averages clipped "
+                "updates itself: leave [aggregation] at its defaults"
             )
-
-    def initial_state(self) -> dict[str, np.ndarray]:
-        return {}
 
     def aggregate(
         self, state: dict[str, np.ndarray], updates: list[ClientUpdate]

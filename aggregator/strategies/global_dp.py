@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from aggregator.strategies.base import ClientUpdate
+from fedprompt.common.methods import RunSettings
 from fedprompt.common.privacy import (
     PrivacyAccountant,
     add_gaussian_noise,
@@ -29,7 +30,6 @@ from fedprompt.common.privacy import (
     clip_to_norm,
     secure_rng,
 )
-from fedprompt.common.settings import TrainingSettings
 
 STATE_KEY = "global_dp_accountant"
 
@@ -44,10 +44,9 @@ class GlobalDP:
         self.accountant = PrivacyAccountant(kind=accountant_kind)
 
     @classmethod
-    def from_settings(cls, settings: TrainingSettings) -> GlobalDP:
-        return cls(
-            settings.global_clip, settings.global_noise_multiplier, settings.delta, settings.accountant
-        )
+    def from_settings(cls, settings: RunSettings) -> GlobalDP:
+        server, core = settings.server, settings.core
+        return cls(server.global_clip, server.global_noise_multiplier, core.delta, core.accountant)
 
     def noisy_mean(
         self, reference: dict[str, np.ndarray], updates: list[ClientUpdate]

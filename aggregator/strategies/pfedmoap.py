@@ -16,7 +16,7 @@ from aggregator.strategies.base import ClientUpdate, ServerStrategy
 from aggregator.strategies.combine import UpdateCombiner
 from aggregator.strategies.expert_pool import PromptPool
 from aggregator.validation import Interval
-from fedprompt.common.settings import TrainingSettings
+from fedprompt.common.methods import RunSettings
 
 POOL_KEY = "prompt_pool"
 
@@ -28,13 +28,10 @@ class PFedMoAPStrategy(ServerStrategy):
         "experts": Interval()
     }  # how many pool prompts the client mixed in
 
-    def __init__(self, settings: dict[str, Any], combiner: UpdateCombiner | None = None) -> None:
+    def __init__(self, settings: RunSettings, combiner: UpdateCombiner | None = None) -> None:
         super().__init__(settings, combiner)
-        self.non_local = TrainingSettings.from_dict(settings).experts - 1
+        self.non_local = settings.client.experts - 1
         self.pool = PromptPool()
-
-    def initial_state(self) -> dict[str, np.ndarray]:
-        return {}
 
     def tensors_for_client(self, state: dict[str, np.ndarray], client_id: str) -> dict[str, np.ndarray]:
         experts = self.pool.experts_for(client_id, self.non_local)

@@ -2,12 +2,10 @@
 (or the aggregator's configured robust rule, see `aggregator.strategies.combine`). The weighted
 mean needs only the weighted sum, so PromptFL also runs under secure aggregation.
 
-The global state is `{"ctx": [n_ctx, width]}`. Before round 1 it is empty, because the server does
-not know the text width of the clients' bundle: in round 1 every client initialises `ctx` itself
-from the shared settings (`seed`, `ctx_init_std`), and the first average becomes the global prompt.
-From round 2 on, the global prompt moves `server_lr` of the way to the round's average (server
-learning rate; 1 = plain FedAvg): under client-level DP a step below 1 damps the round-to-round
-noise while the consistent part of the updates still accumulates.
+The global state is `{"ctx": [n_ctx, width]}`, before round 1 the shared seeded initialisation
+(the spec's, sized from the bundle). Each round the global prompt moves `server_lr` of the way to
+the round's average (server learning rate; 1 = plain FedAvg): under client-level DP a step below 1
+damps the round-to-round noise while the consistent part of the updates still accumulates.
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ import numpy as np
 from aggregator.strategies import register
 from aggregator.strategies.base import ClientUpdate, ServerStrategy
 from fedprompt.common.secure_round import WeightedSum
-from fedprompt.common.settings import TrainingSettings
 
 
 @register
@@ -26,10 +23,6 @@ class PromptFLStrategy(ServerStrategy):
     (noised first under client DP)."""
 
     name = "promptfl"
-    sums_suffice = True
-
-    def initial_state(self) -> dict[str, np.ndarray]:
-        return {}
 
     def aggregate(
         self, state: dict[str, np.ndarray], updates: list[ClientUpdate]
@@ -48,8 +41,10 @@ class PromptFLStrategy(ServerStrategy):
     def _server_step(
         self, state: dict[str, np.ndarray], average: dict[str, np.ndarray]
     ) -> dict[str, np.ndarray]:
-        """Move each global tensor `server_lr` of the way to the round's average (round 1: the average)."""
-        rate = TrainingSettings.from_dict(self.settings).server_lr
+        """Move each global tensor `server_lr` of the way to the round's average (1: the average)."""
+        rate = self.settings.server.server_lr
+        if rate == 1:
+            return average
         return {
             name: (state[name] + rate * (mean - state[name])).astype(np.float32) if name in state else mean
             for name, mean in average.items()

@@ -2,7 +2,8 @@
 cluster of clients, from securely summed uploads only.
 
 The global state is `{"domain": [K, n_ctx, W], "centroids": [K, d]}`, sent alike to every client
-(so what a client receives says nothing of its cluster); empty before round 1. Each client uploads
+(so what a client receives says nothing of its cluster); before round 1 one cluster with the shared
+initialisation and a zero centroid (the spec's). Each client uploads
 a `clusters`-slot vector with its new domain prompt, a count of 1, its descriptor and the
 descriptor's squared norm in the slot of the centroid nearest to it
 (`edge_client.methods.domain_clusters`). The aggregator sums the uploads with secure aggregation
@@ -32,38 +33,19 @@ from aggregator.strategies import register
 from aggregator.strategies.adaptive_kmeans import Bisection, SlotSums, cluster_step
 from aggregator.strategies.base import ClientUpdate, ServerStrategy
 from aggregator.strategies.combine import UpdateCombiner
+from fedprompt.common.methods import RunSettings
 from fedprompt.common.secure_round import WeightedSum
-from fedprompt.common.settings import TrainingSettings
 
 
 @register
 class SecFPPStrategy(ServerStrategy):
     name = "secfpp"
-    sums_suffice = True
-    needs_secure_aggregation = True
-    weighs_by_examples = False
 
-    def __init__(self, settings: dict[str, Any], combiner: UpdateCombiner | None = None) -> None:
+    def __init__(self, settings: RunSettings, combiner: UpdateCombiner | None = None) -> None:
         super().__init__(settings, combiner)
-        parsed = TrainingSettings.from_dict(settings)
-        self.slots, self.dim, self.split_gain = parsed.clusters, parsed.cluster_dim, parsed.split_gain
-        self.min_size = parsed.min_cluster_size
+        self.slots, self.split_gain = settings.client.clusters, settings.server.split_gain
+        self.min_size = settings.server.min_cluster_size
         self.bisection = Bisection()
-
-    def initial_state(self) -> dict[str, np.ndarray]:
-        return {}
-
-    def update_spec(self, state: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]] | None:
-        """The slotted upload; its prompt shape is known once a round has set the domain prompts."""
-        if "domain" not in state:
-            return None
-        s, d = self.slots, self.dim
-        return {
-            "domain": (s, *state["domain"].shape[1:]),
-            "member": (s,),
-            "descriptor": (s, d),
-            "spread": (s,),
-        }
 
     def aggregate(
         self, state: dict[str, np.ndarray], updates: list[ClientUpdate]

@@ -43,28 +43,20 @@ Sent in the clear beside the DP upload, as for every method: the example count a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
-from edge_client.class_heads import ObjectiveHead
-from edge_client.dp_sgd import train_dp_sgd
-from edge_client.local_privacy import RoundCost
 from edge_client.methods import register
-from edge_client.methods.base import ClientMethod, RoundResult, RoundTask
+from edge_client.methods.base import ClientMethod, LocalRound, RoundTask
 from edge_client.methods.local_state import load_tensors, save_tensors, state_file
 from edge_client.methods.low_rank import factorise
-from edge_client.methods.round_parts import paid_round, received_tensor, round_generator
+from edge_client.methods.round_parts import received_tensor
 from edge_client.prompts import initial_context
-from edge_client.training import (
-    Params,
-    PromptObjective,
-    TextEncoder,
-    TrainStats,
-    accuracy,
-    train_plain,
-)
-from edge_client.workspace import ClientWorkspace, LabelledFeatures, WorkspaceError
-from fedprompt.common.settings import SettingsError, TrainingSettings
+from edge_client.training import Params, PromptObjective, TextEncoder
+from edge_client.workspace import WorkspaceError
+from fedprompt.common.methods import TaskSettings
 
 
 @dataclass
@@ -123,96 +115,40 @@ class PersonalObjective(PromptObjective):
         self.prompt.refactorise(params["theta"])
 
 
-def train_personal(
-    prompt: PersonalPrompt,
-    theta: torch.Tensor,
-    encode: TextEncoder,
-    train: LabelledFeatures,
-    logit_scale: float,
-    settings: TrainingSettings,
-    cost: RoundCost | None,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, TrainStats]:
-    """One round of local training of theta, re-factorising before every step: DP-SGD when the
-    round has a local DP cost, plain otherwise. Returns the new theta."""
-    objective = PersonalObjective(prompt, encode, logit_scale)
-    features, labels = train.tensors()
-    if cost is not None:
-        trained, stats = train_dp_sgd(
-            objective, {"theta": theta}, (features,), labels, settings, cost.sample_rate, cost.steps
-        )
-    else:
-        trained, stats = train_plain(objective, {"theta": theta}, (features,), labels, settings, generator)
-    return trained["theta"], stats
+@dataclass
+class PersonalRound(LocalRound):
+    prompt: PersonalPrompt | None = None
+    path: Path | None = None
 
 
 @register
 class DPFPLClient(ClientMethod):
     name = "dpfpl"
 
-    def __init__(self, workspace: ClientWorkspace) -> None:
-        self.workspace = workspace
-
-    def start(
-        self, task: RoundTask, settings: TrainingSettings
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(global prompt, local prompt, warm-start v) a round starts from: the task's global prompt
-        (zero in round 1) and the device's saved local prompt (CoOp's seeded start at first)."""
-        shape = (settings.n_ctx, self.workspace.text_width)
+    def prepare(self, task: RoundTask, settings: TaskSettings) -> LocalRound:
+        ws, core = self.workspace, settings.core
+        shape = (core.n_ctx, ws.text_width)
         global_ctx = received_tensor(task, "ctx", shape)
         global_ctx = torch.zeros(shape) if global_ctx is None else global_ctx
-        path = state_file(self.workspace.state_dir, self.name, task.run_id)
+        path = state_file(ws.state_dir, self.name, task.run_id)
         saved = load_tensors(path)
         if saved and tuple(saved["local"].shape) != shape:
             raise WorkspaceError(f"{path} holds a local prompt of another shape; remove it knowingly")
         local = (
             torch.from_numpy(saved["local"])
             if saved
-            else initial_context(*shape, settings.ctx_init_std, settings.seed)
+            else initial_context(*shape, core.ctx_init_std, core.seed)
         )
-        return global_ctx, local, torch.from_numpy(saved["v"]) if saved else None
+        warm_v = torch.from_numpy(saved["v"]) if saved else None
+        prompt, theta = PersonalPrompt.start(global_ctx, local, settings.client.rank, warm_v, core.seed)
+        objective = PersonalObjective(prompt, ws.text_encoder(core.n_ctx), ws.logit_scale)
+        return PersonalRound(task, settings, objective, {"theta": theta}, prompt=prompt, path=path)
 
-    @torch.no_grad()
-    def head(self, task: RoundTask) -> ObjectiveHead:
-        """CoOp's classifier of the personalised prompt global + local."""
-        settings = TrainingSettings.from_dict(task.settings)
-        global_ctx, local, _ = self.start(task, settings)
-        objective = PromptObjective.coop(
-            self.workspace.text_encoder(settings.n_ctx), self.workspace.logit_scale
-        )
-        return ObjectiveHead(objective, {"ctx": global_ctx + local})
+    def upload(self, round_: PersonalRound, trained: Params) -> dict[str, np.ndarray]:
+        new_global, _, _ = round_.prompt.unpack(trained["theta"])
+        return {"ctx": new_global.numpy().copy()}
 
-    def run_round(self, task: RoundTask) -> RoundResult:
-        settings = TrainingSettings.from_dict(task.settings)
-        if settings.dp == "client":
-            raise SettingsError(
-                'dpfpl applies local DP as DP-SGD on its prompts: set dp = "sample" (or "none")'
-            )
-        if settings.rank > settings.n_ctx:
-            raise SettingsError(f"setting 'rank' must be at most n_ctx ({settings.n_ctx}) for dpfpl")
-        ws = self.workspace
-        global_ctx, local, warm_v = self.start(task, settings)
-        path = state_file(ws.state_dir, self.name, task.run_id)
-        accountant, cost = paid_round(ws, settings)
-        prompt, theta = PersonalPrompt.start(global_ctx, local, settings.rank, warm_v, settings.seed)
-        encode, scale = ws.text_encoder(settings.n_ctx), ws.logit_scale
-        metrics: dict[str, float] = {}
-        held_out = PromptObjective.coop(encode, scale)
-        images, labels = ws.evaluation.tensors()
-        if len(ws.evaluation):
-            received = {"ctx": prompt.prompt(theta)}
-            metrics["received_accuracy"] = accuracy(held_out, received, (images,), labels)
-        theta, stats = train_personal(
-            prompt, theta, encode, ws.train, scale, settings, cost, round_generator(settings, task.round_id)
-        )
-        new_global, _, v = prompt.unpack(theta)
-        save_tensors(path, {"local": prompt.local(theta).numpy(), "v": v.numpy()})
-        metrics.update(stats.metrics())
-        if len(ws.evaluation):
-            metrics["accuracy"] = accuracy(held_out, {"ctx": prompt.prompt(theta)}, (images,), labels)
-        return RoundResult(
-            tensors={"ctx": new_global.numpy().copy()},
-            num_examples=len(ws.train),
-            metrics=metrics,
-            privacy=accountant.report(cost),
-        )
+    def keep(self, round_: PersonalRound, trained: Params) -> None:
+        """The local prompt and its right factor (the next round's warm start)."""
+        _, _, v = round_.prompt.unpack(trained["theta"])
+        save_tensors(round_.path, {"local": round_.prompt.local(trained["theta"]).numpy(), "v": v.numpy()})

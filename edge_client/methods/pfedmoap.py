@@ -28,20 +28,14 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
-from edge_client.class_heads import ObjectiveHead
 from edge_client.methods import register
-from edge_client.methods.base import ClientMethod, RoundResult, RoundTask
+from edge_client.methods.base import ClientMethod, LocalRound, RoundTask
 from edge_client.methods.local_state import load_tensors, save_tensors, state_file
-from edge_client.methods.moe_gating import (
-    AttentionGating,
-    FeatureSubsampler,
-    expert_features,
-    mixture_logits,
-)
-from edge_client.methods.round_parts import client_level_upload, global_context, paid_round, round_generator
-from edge_client.training import Inputs, Objective, Params, TextEncoder, accuracy, train_plain
-from edge_client.workspace import ClientWorkspace, WorkspaceError
-from fedprompt.common.settings import SettingsError, TrainingSettings
+from edge_client.methods.moe_gating import AttentionGating, FeatureSubsampler, expert_features, mixture_logits
+from edge_client.methods.round_parts import client_level_upload, global_context
+from edge_client.training import Inputs, Objective, Params, TextEncoder
+from edge_client.workspace import WorkspaceError
+from fedprompt.common.methods import TaskSettings
 
 GATING = "gating."  # prefix of the gating network's tensors among the trainable ones
 
@@ -65,11 +59,12 @@ class MixtureObjective(Objective):
     def gating_params(self) -> Params:
         return {GATING + name: p.detach() for name, p in self.gating.named_parameters()}
 
-    def keep_gating(self, params: Params) -> None:
-        """Load the trained gating tensors back into the network (the part kept on the device)."""
+    def keep_gating(self, params: Params) -> bool:
+        """Load the trained gating tensors back into the network; False when none trained."""
         trained = {name[len(GATING) :]: t for name, t in params.items() if name.startswith(GATING)}
         if trained:
             self.gating.load_state_dict(trained)
+        return bool(trained)
 
     def frozen(self, params: Params) -> Params:
         """The gating tensors loaded into the network, so the classifier calls it directly."""
@@ -99,30 +94,25 @@ class MixtureObjective(Objective):
 class PFedMoAPClient(ClientMethod):
     name = "pfedmoap"
 
-    def __init__(self, workspace: ClientWorkspace) -> None:
-        self.workspace = workspace
-
-    def received_experts(self, task: RoundTask, settings: TrainingSettings) -> torch.Tensor | None:
+    def received_experts(self, task: RoundTask, settings: TaskSettings) -> torch.Tensor | None:
         """[E, n_ctx, W] with 1 <= E <= K-1, or None when the server sent no experts."""
         if "experts" not in task.tensors:
             return None
         experts = task.tensors["experts"]
-        prompt = (settings.n_ctx, self.workspace.text_width)
-        if (
-            experts.ndim != 3
-            or tuple(experts.shape[1:]) != prompt
-            or not 1 <= len(experts) < settings.experts
-        ):
+        prompt = (settings.core.n_ctx, self.workspace.text_width)
+        count = settings.client.experts
+        if experts.ndim != 3 or tuple(experts.shape[1:]) != prompt or not 1 <= len(experts) < count:
             raise WorkspaceError(
-                f"received experts of shape {experts.shape}; expected [1..{settings.experts - 1}, {prompt}]"
+                f"received experts of shape {experts.shape}; expected [1..{count - 1}, {prompt}]"
             )
         return torch.from_numpy(np.asarray(experts, np.float32))
 
-    def gating(self, task: RoundTask, settings: TrainingSettings, width: int) -> AttentionGating:
+    def gating(self, task: RoundTask, settings: TaskSettings, width: int) -> AttentionGating:
         """This device's gating network: the saved one, or a fresh seeded one."""
+        own = settings.client
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(settings.seed)
-            gating = AttentionGating(width, settings.gating_heads, settings.gating_scaling)
+            torch.manual_seed(settings.core.seed)
+            gating = AttentionGating(width, own.gating_heads, own.gating_scaling)
         path = state_file(self.workspace.state_dir, self.name, task.run_id)
         saved = load_tensors(path)
         if saved:
@@ -134,54 +124,25 @@ class PFedMoAPClient(ClientMethod):
                 ) from None
         return gating
 
-    def starting_model(
-        self, task: RoundTask, settings: TrainingSettings
-    ) -> tuple[MixtureObjective, Params, torch.Tensor | None]:
-        """The objective and tensors a round starts from: the global prompt as local prompt with
-        this round's experts and the device's gating network (trainable once there are experts),
-        and the experts as received."""
-        ws = self.workspace
-        encode = ws.text_encoder(settings.n_ctx)
-        start = global_context(task, settings, ws.text_width)
+    def prepare(self, task: RoundTask, settings: TaskSettings) -> LocalRound:
+        ws, core, own = self.workspace, settings.core, settings.client
+        encode = ws.text_encoder(core.n_ctx)
+        start = global_context(task, core, ws.text_width)
         received = self.received_experts(task, settings)
-        subsample = FeatureSubsampler(ws.bundle.embed_dim, settings.gating_dim, settings.gating_heads)
+        subsample = FeatureSubsampler(ws.bundle.embed_dim, own.gating_dim, own.gating_heads)
         gating = self.gating(task, settings, subsample.width)
         experts = None if received is None else expert_features(encode, received, subsample)
-        objective = MixtureObjective(
-            encode, experts, gating, subsample, ws.logit_scale, settings.mixture_lambda
-        )
+        objective = MixtureObjective(encode, experts, gating, subsample, ws.logit_scale, own.mixture_lambda)
         params = {"ctx": start} if experts is None else {"ctx": start, **objective.gating_params()}
-        return objective, params, received
+        metrics = {"experts": 0.0 if received is None else float(len(received))}
+        return LocalRound(task, settings, objective, params, metrics)
 
-    def head(self, task: RoundTask) -> ObjectiveHead:
-        objective, params, _ = self.starting_model(task, TrainingSettings.from_dict(task.settings))
-        return ObjectiveHead(objective, params)
+    def upload(self, round_: LocalRound, trained: Params) -> dict[str, np.ndarray]:
+        return {"ctx": client_level_upload(round_.params["ctx"], trained["ctx"], round_.settings.core)}
 
-    def run_round(self, task: RoundTask) -> RoundResult:
-        settings = TrainingSettings.from_dict(task.settings)
-        if settings.dp == "sample":
-            raise SettingsError('pfedmoap has no sample-level DP-SGD: set dp = "client" (or "none")')
-        ws = self.workspace
-        train, evaluation = ws.train, ws.evaluation
-        objective, params, received = self.starting_model(task, settings)
-        start = params["ctx"]
-        accountant, cost = paid_round(ws, settings)
-        images, labels = evaluation.tensors()
-        metrics: dict[str, float] = {"experts": 0.0 if received is None else float(len(received))}
-        if len(evaluation):
-            metrics["received_accuracy"] = accuracy(objective, params, (images,), labels)
-        order = round_generator(settings, task.round_id)
-        params, stats = train_plain(objective, params, (train.features,), train.labels, settings, order)
-        objective.keep_gating(params)
-        if received is not None:
-            gating_state = {name: t.detach().numpy() for name, t in objective.gating.state_dict().items()}
-            save_tensors(state_file(ws.state_dir, self.name, task.run_id), gating_state)
-        metrics.update(stats.metrics())
-        if len(evaluation):
-            metrics["accuracy"] = accuracy(objective, params, (images,), labels)
-        return RoundResult(
-            tensors={"ctx": client_level_upload(start, params["ctx"], settings)},
-            num_examples=len(train),
-            metrics=metrics,
-            privacy=accountant.report(cost),
-        )
+    def keep(self, round_: LocalRound, trained: Params) -> None:
+        """The gating network, once it has trained (a first round without experts trains none)."""
+        objective: MixtureObjective = round_.objective
+        if objective.keep_gating(trained):
+            gating = {name: t.detach().numpy() for name, t in objective.gating.state_dict().items()}
+            save_tensors(state_file(self.workspace.state_dir, self.name, round_.task.run_id), gating)

@@ -1,6 +1,6 @@
-"""Pieces every prompt method's client half needs in a round, written once: the received global
-context checked against the bundle (or the shared round-1 initialisation), the device's
-accountant paying for the round before any data is touched, the round's shuffling generator, and
+"""Pieces of a round written once: the device's accountant paying for the round before any data
+is touched, the round's shuffling generator (both for the skeleton in `base`), the received global
+context checked against the bundle (or the shared initialisation when none is sent), and
 client-level privatisation of an upload."""
 
 from __future__ import annotations

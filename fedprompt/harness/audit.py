@@ -42,6 +42,7 @@ from edge_client.methods.registry import CLIENT_METHODS
 from edge_client.prompts import initial_context
 from edge_client.training import class_logits
 from edge_client.workspace import ClientWorkspace, LabelledFeatures
+from fedprompt.common.methods import RunSettings, TaskSettings
 from fedprompt.common.privacy import PrivacyAccountant
 from fedprompt.common.settings import TrainingSettings
 from fedprompt.harness.experiment_config import AuditConfig
@@ -168,9 +169,8 @@ def audit_entry(
             )
         )
 
-    run = run_federated(
-        "promptfl", settings, clients, rules, run_dir / "aggregator.sqlite", on_upload=on_upload
-    )
+    promptfl = RunSettings(TaskSettings("promptfl", settings))
+    run = run_federated(promptfl, clients, rules, run_dir / "aggregator.sqlite", on_upload=on_upload)
     store = SQLiteStore(run_dir / "aggregator.sqlite", read_only=True)
     final = store.global_tensors()["ctx"]
     store.close()
@@ -231,7 +231,7 @@ def canary_trials(
         torch.cat([device.train.labels, canaries.labels]),
     )
     order = np.random.default_rng(seed + 7_919).permutation(np.arange(audit.trials) % 2 == 0)
-    task_settings = replace(settings, epsilon_budget=None).for_clients()
+    task_settings = TaskSettings("promptfl", replace(settings, epsilon_budget=None)).to_dict()
     scores: dict[bool, list[float]] = {True: [], False: []}
     base_loss = example_losses(received, device, canaries).sum()
     with tempfile.TemporaryDirectory(prefix="fedprompt-canaries-") as scratch:

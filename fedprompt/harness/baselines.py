@@ -18,6 +18,7 @@ from edge_client.methods.registry import CLIENT_METHODS
 from edge_client.training import class_logits
 from edge_client.workspace import ClientWorkspace
 from export.pretrain import ZERO_SHOT_TEMPLATE
+from fedprompt.common.methods import TaskSettings
 from fedprompt.common.settings import TrainingSettings
 
 LOCAL_ONLY_METHOD = "promptfl"  # the client half trained alone: CoOp on local data only
@@ -51,7 +52,8 @@ def local_only_rounds(
     for round_id in range(1, rounds + 1):
         results = []
         for index, client in enumerate(clients):
-            task = RoundTask("local-only", round_id, LOCAL_ONLY_METHOD, settings.to_dict(), own[index], 0.0)
+            task_settings = TaskSettings(LOCAL_ONLY_METHOD, settings).to_dict()
+            task = RoundTask("local-only", round_id, LOCAL_ONLY_METHOD, task_settings, own[index], 0.0)
             result = client.run_round(task)
             own[index] = result.tensors
             results.append(result)

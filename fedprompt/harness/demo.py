@@ -135,8 +135,9 @@ def toml_table(name: str, values: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_aggregator_config(path: Path, settings: DemoSettings) -> Path:
-    """A loopback aggregator that waits for every client and samples all of them each round."""
+def write_aggregator_config(path: Path, settings: DemoSettings, bundle: Path) -> Path:
+    """A loopback aggregator for the demo's bundle that waits for every client and samples all of
+    them each round."""
     clients = settings.split.num_clients
     rounds = {
         "rounds": settings.rounds,
@@ -153,7 +154,7 @@ def write_aggregator_config(path: Path, settings: DemoSettings) -> Path:
     text = (
         toml_table("server", server)
         + toml_table("rounds", rounds)
-        + toml_table("method", {"name": "promptfl"})
+        + toml_table("method", {"name": "promptfl", "bundle": str(bundle / "manifest.json")})
         + toml_table("training", settings.training.to_dict())
     )
     path.write_text(text)
@@ -249,7 +250,7 @@ def run_federation(
     workdir: Path, bundle: Path, clients: Sequence[ClientData], settings: DemoSettings
 ) -> list[dict]:
     """Aggregator and clients as separate processes; prints each round as it is committed."""
-    config = write_aggregator_config(workdir / "aggregator.toml", settings)
+    config = write_aggregator_config(workdir / "aggregator.toml", settings, bundle)
     logs = workdir / "logs"
     logs.mkdir(exist_ok=True)
     tokens = issue_tokens(config, len(clients), logs / "tokens.log")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from tqdm import tqdm
 from aggregator.store import ClientRoundRecord
 from edge_client.torch_threads import torch_threads
 from edge_client.workspace import ClientWorkspace
+from fedprompt.common.methods import RunSettings
 from fedprompt.common.settings import TrainingSettings
 from fedprompt.harness.audit import AuditRow, audit_entry
 from fedprompt.harness.baselines import local_only_rounds, zero_shot_accuracy
@@ -101,7 +102,7 @@ def _run_seed(
         bar.set_postfix_str(f"seed {seed}: {entry.label}")
         started = time.perf_counter()
         settings, calibration = _seeded_settings(entry, seed, clients, spent, config.rounds.rounds)
-        noise = settings.noise_multiplier if settings.dp != "none" else None
+        noise = settings.core.noise_multiplier if settings.core.dp != "none" else None
         identity = {
             "experiment": config.name,
             "method": entry.label,
@@ -132,7 +133,7 @@ def _audit_seed(
             settings, _ = _seeded_settings(entry, seed, clients, spent, config.rounds.rounds)
             run_dir = audit_dir / _slug(index, entry.label)
             row = audit_entry(
-                entry.label, settings, clients.workspaces, _rules(config, seed), config.audit, run_dir
+                entry.label, settings.core, clients.workspaces, _rules(config, seed), config.audit, run_dir
             )
             results.audit.append(row)
 
@@ -149,9 +150,9 @@ def _rules(config: ExperimentConfig, seed: int) -> FederationRules:
 
 def _seeded_settings(
     entry: MethodEntry, seed: int, clients: SeedClients, spent: dict[str, float], rounds: int
-) -> tuple[TrainingSettings, dict[str, Any] | None]:
+) -> tuple[RunSettings, dict[str, Any] | None]:
     """The entry's settings for this seed, with the noise multiplier calibrated if it has a target."""
-    settings = replace(entry.settings, seed=seed)
+    settings = entry.settings.with_core(seed=seed)
     target = entry.target_epsilon
     if entry.match_epsilon_of is not None:
         if entry.match_epsilon_of not in spent:
@@ -160,14 +161,14 @@ def _seeded_settings(
     if target is None:
         return settings, None
     examples = [len(workspace.train) for workspace in clients.workspaces]
-    noise = calibrate_noise_multiplier(settings, examples, rounds, target)
+    noise = calibrate_noise_multiplier(settings.core, examples, rounds, target)
     calibration = {"target_epsilon": target, "matched": entry.match_epsilon_of, "rounds": rounds}
-    return replace(settings, noise_multiplier=noise), calibration
+    return settings.with_core(noise_multiplier=noise), calibration
 
 
 def _run_entry(
     entry: MethodEntry,
-    settings: TrainingSettings,
+    settings: RunSettings,
     clients: SeedClients,
     config: ExperimentConfig,
     run_dir: Path,
@@ -191,9 +192,9 @@ def _run_entry(
         return rows
     workspaces = [fresh_workspace(ws, run_dir / f"client-{i}") for i, ws in enumerate(clients.workspaces)]
     if entry.method == LOCAL_ONLY:
-        return _local_only_rows(workspaces, settings, config, clients.domains, identity, on_round)
+        return _local_only_rows(workspaces, settings.core, config, clients.domains, identity, on_round)
     rules = _rules(config, identity["seed"])
-    run = run_federated(entry.method, settings, workspaces, rules, run_dir / "aggregator.sqlite", on_round)
+    run = run_federated(settings, workspaces, rules, run_dir / "aggregator.sqlite", on_round)
     domains = dict(zip(run.client_ids, clients.domains, strict=True))
     rows = [
         round_row(r.clients, domains, {**identity, "round": r.round_id}, r.metrics.get("strategy"))

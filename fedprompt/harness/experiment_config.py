@@ -19,12 +19,14 @@ from typing import Any
 from aggregator.strategies.registry import SERVER_STRATEGIES
 from edge_client.methods.registry import CLIENT_METHODS
 from fedprompt.common.codec import ENCODINGS
+from fedprompt.common.methods import RunSettings
 from fedprompt.common.settings import SettingsError, TrainingSettings
 from fedprompt.harness.splits import DOMAIN_SHIFTS, SplitSettings
 
 ZERO_SHOT = "zero-shot"
 LOCAL_ONLY = "local-only"
 BASELINES = (ZERO_SHOT, LOCAL_ONLY)
+BASELINE_METHOD = "promptfl"  # whose settings the baselines read (local-only trains its client half)
 EVALUATIONS = ("balanced", "local")
 CLAIM_TESTS = ("beats", "smaller_drop")
 CLAIM_METRICS = {"trained": "accuracy", "served": "served_accuracy"}  # -> column of the last round
@@ -109,13 +111,14 @@ class RoundsConfig:
 @dataclass(frozen=True)
 class MethodEntry:
     """One line of the comparison. `method`: a registered federated method, "zero-shot" or
-    "local-only". `settings`: over [training]. `target_epsilon` or `match_epsilon_of` (the label
+    "local-only". `settings`: over [training], the method's own settings too (each key goes to the
+    section of the method's spec that owns it). `target_epsilon` or `match_epsilon_of` (the label
     of another entry, whose final epsilon at the same seed becomes the target) set the noise
     multiplier by searching the accountant, so entries are compared at equal epsilon."""
 
     label: str
     method: str
-    settings: TrainingSettings
+    settings: RunSettings  # baselines: PromptFL's (local-only trains PromptFL's client half)
     target_epsilon: float | None = None
     match_epsilon_of: str | None = None
 
@@ -310,7 +313,15 @@ def _method(values: Any, training: dict[str, Any], index: int) -> MethodEntry:
     _require(isinstance(label, str) and label, f"{where}: label must be a non-empty string")
     own = values.get("settings", {})
     _require(isinstance(own, dict), f"{label}: settings must be a table")
-    settings = TrainingSettings.from_dict(_training({**training, **own}, f"{label}: settings"))
+    try:
+        settings = RunSettings.from_flat(
+            BASELINE_METHOD if method in BASELINES else method, {**training, **own}
+        )
+    except SettingsError as error:
+        raise ExperimentConfigError(f"{label}: settings: {error}") from None
+    _require(
+        "seed" not in own, f"{label}: settings: seed comes from the experiment's seeds, not from settings"
+    )
     target = values.get("target_epsilon")
     match = values.get("match_epsilon_of")
     _require(target is None or match is None, f"{label}: give target_epsilon or match_epsilon_of, not both")
@@ -320,7 +331,9 @@ def _method(values: Any, training: dict[str, Any], index: int) -> MethodEntry:
     )
     _require(match is None or isinstance(match, str), f"{label}: match_epsilon_of must be a label")
     if target is not None or match is not None:
-        _require(settings.dp != "none", f"{label}: an epsilon target needs settings dp = client or sample")
+        _require(
+            settings.core.dp != "none", f"{label}: an epsilon target needs settings dp = client or sample"
+        )
         _require(method != ZERO_SHOT, f"{label}: zero-shot trains nothing and spends no epsilon")
     return MethodEntry(label, method, settings, None if target is None else float(target), match)
 

@@ -82,11 +82,11 @@ def _method_line(results: ExperimentResults, label: str) -> str:
     privacy = "–"
     if epsilons:
         delta = max(r["delta"] for r in finals.values() if r["delta"] is not None)
-        settings = next(e.settings for e in results.config.methods if e.label == label)
+        settings = next(e.settings.core for e in results.config.methods if e.label == label)
         named = short_label(settings.dp, settings.accountant)
         privacy = f"{_spread(epsilons, 2)} (δ {delta:g}, σ {_spread(noise, 2)}; {named})"
     if central:
-        settings = next(e.settings for e in results.config.methods if e.label == label)
+        settings = next(e.settings.core for e in results.config.methods if e.label == label)
         privacy += f"; server ε {_spread(central, 2)} ({short_label('global', settings.accountant)})"
     traffic = "–"
     if label != ZERO_SHOT and any(r["bytes_up"] for r in rows):

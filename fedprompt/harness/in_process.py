@@ -32,8 +32,8 @@ from edge_client.methods.base import ClientMethod, RoundTask
 from edge_client.methods.registry import CLIENT_METHODS
 from edge_client.workspace import ClientWorkspace
 from fedprompt.common.codec import decode_tensor_set, encode_tensor_set
+from fedprompt.common.methods import RunSettings
 from fedprompt.common.secagg.identity import DeviceIdentity
-from fedprompt.common.settings import TrainingSettings
 from fedprompt.harness.secure_clients import SecureUploads, secure_rules
 from fedprompt.harness.served_model import served_accuracies
 
@@ -51,8 +51,9 @@ class FederationRules:
     task_encoding: str = "fp32"
     update_encoding: str = "fp16"
 
-    def aggregator_config(self, method: str, settings: TrainingSettings, clients: int, state: Path):
+    def aggregator_config(self, settings: RunSettings, clients: int, state: Path, bundle: Path):
         """The daemon's config for this run, checked by the daemon's own rules."""
+        method = settings.method
         secure, min_fit = secure_rules(method, clients, self.fraction)
         return AggregatorConfig(
             server=ServerConfig(
@@ -68,9 +69,9 @@ class FederationRules:
                 client_timeout_s=ALWAYS_ON_S,
                 seed=self.seed,
             ),
-            method=MethodConfig(method),
+            method=MethodConfig(method, str(bundle / "manifest.json")),
             secure_aggregation=secure,
-            training=settings,
+            settings=settings,
         ).check()
 
 
@@ -103,21 +104,22 @@ class FederatedRun:
 
 
 def run_federated(
-    method: str,
-    settings: TrainingSettings,
+    settings: RunSettings,
     workspaces: Sequence[ClientWorkspace],
     rules: FederationRules,
     state: Path,
     on_round: Callable[[int], None] | None = None,
     on_upload: UploadHook | None = None,
 ) -> FederatedRun:
-    """Play `rules.rounds` rounds of `method` over the clients' workspaces; the store at `state`
+    """Play `rules.rounds` rounds of the settings' method over the clients' workspaces (all on one
+    bundle); the store at `state`
     (which must not exist yet) keeps everything the daemon would. `on_round(round_id)` is called
     after each commit, `on_upload(client index, round, tensors received, tensors sent)` with what
     the server receives from each client (the decoded wire payload; the privacy audit's view)."""
     if state.exists():
         raise FileExistsError(f"{state} exists; an in-process run starts from a fresh state")
-    config = rules.aggregator_config(method, settings, len(workspaces), state)
+    method = settings.method
+    config = rules.aggregator_config(settings, len(workspaces), state, workspaces[0].bundle.path)
     store = SQLiteStore(state)
     try:
         coordinator = RoundCoordinator(store, config)

@@ -23,10 +23,10 @@ import numpy as np
 from aggregator.config import SecureAggregationConfig
 from aggregator.rounds import Refused, RoundCoordinator, Task
 from aggregator.store import ClientRoundRecord, RoundRecord
-from aggregator.strategies.registry import SERVER_STRATEGIES
 from edge_client.device_identity import PeerPins
 from edge_client.methods.base import RoundResult
 from edge_client.secure_upload import secure_upload
+from fedprompt.common.methods import METHOD_SPECS
 from fedprompt.common.secagg.identity import DeviceIdentity
 from fedprompt.common.secure_round import StepReply
 
@@ -35,7 +35,7 @@ def secure_rules(method: str, clients: int, fraction: float) -> tuple[SecureAggr
     """([secure_aggregation], rounds.min_fit) of an in-process run: off (and min_fit 1) unless the
     method needs it; then the threshold is a majority of the clients sampled per round (so a
     minority colluding with the server learns nothing beyond the sum)."""
-    if not SERVER_STRATEGIES[method].needs_secure_aggregation:
+    if METHOD_SPECS[method].secure_aggregation != "required":
         return SecureAggregationConfig(), 1
     sampled = math.ceil(fraction * clients)
     if sampled < 4:  # devices take a threshold of 3 at least, and a session needs one more client
