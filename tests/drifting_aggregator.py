@@ -28,7 +28,8 @@ class DriftingCoordinator(RoundCoordinator):
         current = self._round
         if current is None or current.round_id < 2:
             return self._honest_settings_json
-        return json.dumps({**json.loads(self._honest_settings_json), **self.drift}, sort_keys=True)
+        honest = json.loads(self._honest_settings_json)
+        return json.dumps({**honest, "core": {**honest["core"], **self.drift}}, sort_keys=True)
 
     @client_settings_json.setter
     def client_settings_json(self, value: str) -> None:

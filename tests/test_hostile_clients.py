@@ -458,7 +458,9 @@ class SilentStreams:
             channel.close()
 
 
-def test_200_silent_streams_neither_stall_nor_slow_four_real_clients(tmp_path: Path) -> None:
+def test_200_silent_streams_neither_stall_nor_slow_four_real_clients(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
     """Strangers holding calls open without a byte get a few places, each cut at the
     first-message deadline, the rest refused at once; real clients, which show their session (or
     token) in the call's metadata, enrol and play their rounds as fast as without the flood."""
@@ -468,7 +470,7 @@ def test_200_silent_streams_neither_stall_nor_slow_four_real_clients(tmp_path: P
     for flood in (False, True):
         folder = tmp_path / ("flood" if flood else "calm")
         folder.mkdir()
-        config = write_config(folder / "aggregator.toml", rules, limits)
+        config = write_config(folder / "aggregator.toml", rules, limits, bundle=tiny_bundle)
         store = SQLiteStore(folder / "state.sqlite")
         (folder / "tokens").write_text("\n".join(store.issue_token() for _ in range(4)))
         store.close()
@@ -478,7 +480,7 @@ def test_200_silent_streams_neither_stall_nor_slow_four_real_clients(tmp_path: P
             time.sleep(3.0 if flood else 0.0)  # the places of strangers are all taken
             started = time.monotonic()
             args = (server.address, folder / "tokens", folder / "clients", 0, 4, "--train-s", "0.3")
-            clients = LightClients(*args)
+            clients = LightClients(*args, bundle=tiny_bundle)
             assert clients.wait(60) == 0, clients.log[-3000:]
             elapsed[flood] = time.monotonic() - started
             server.wait_for_log(r"round 3/3 committed: 4 clients")
@@ -502,9 +504,11 @@ def test_200_silent_streams_neither_stall_nor_slow_four_real_clients(tmp_path: P
     assert elapsed[True] < elapsed[False] + 3.0, elapsed  # enrolment and polling included
 
 
-def test_an_enrolled_client_is_bounded_in_open_calls_and_cut_when_idle(tmp_path: Path) -> None:
+def test_an_enrolled_client_is_bounded_in_open_calls_and_cut_when_idle(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
     limits = {"idle_timeout_s": 1.0, "first_message_timeout_s": 30.0, "max_calls_per_client": 3}
-    server, tokens = start(tmp_path, 3, server=limits)
+    server, tokens = start(tmp_path, 3, server=limits, tiny_bundle=tiny_bundle)
     stop = threading.Event()
     try:
         device = RawClient(server.address, tokens[0])
@@ -546,7 +550,7 @@ def test_refused_dp_updates_cost_each_device_one_training_per_round(
     aggregator says why it refuses and stops waiting for them. Device 0 also has a corrupt image,
     which `--skip-bad-images` leaves out with a count in its log."""
     rounds = {**ROUNDS, "min_clients": 2, "min_fit": 2, "min_updates": 2, "round_timeout_s": 3.0}
-    config = write_config(tmp_path / "aggregator.toml", rounds)
+    config = write_config(tmp_path / "aggregator.toml", rounds, bundle=tiny_bundle)
     training = '[training]\nn_ctx = 4\nbatch_size = 8\ndp = "client"\nnoise_multiplier = 1.0\n'
     config.write_text(config.read_text() + "\n[aggregation]\nmax_update_norm = 0.001\n" + training)
     store = SQLiteStore(tmp_path / "state.sqlite")
@@ -599,8 +603,10 @@ def test_a_corrupt_image_stops_a_device_in_one_line_unless_skipped(tiny_bundle: 
     assert "broken.png" in line
 
 
-def test_a_token_revoked_mid_round_ends_that_clients_part_at_once(tmp_path: Path) -> None:
-    server, tokens = start(tmp_path, 3)  # client_timeout_s 10: the round would wait that long
+def test_a_token_revoked_mid_round_ends_that_clients_part_at_once(tmp_path: Path, tiny_bundle: Path) -> None:
+    server, tokens = start(
+        tmp_path, 3, tiny_bundle=tiny_bundle
+    )  # client_timeout_s 10: the round would wait that long
     try:
         clients = [RawClient(server.address, token) for token in tokens]
         for client in clients:
@@ -620,10 +626,14 @@ def test_a_token_revoked_mid_round_ends_that_clients_part_at_once(tmp_path: Path
         server.kill()
 
 
-def test_down_bytes_count_a_task_pulled_before_a_restart_of_the_daemon(tmp_path: Path) -> None:
+def test_down_bytes_count_a_task_pulled_before_a_restart_of_the_daemon(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
     """A client that pulled round 2's task, then uploads to the restarted daemon without pulling it
     again, is counted with that task's bytes (it was counted 0 and `down KB` was wrong)."""
-    config = write_config(tmp_path / "aggregator.toml", {**ROUNDS, "rounds": 2}, {"port": free_port()})
+    config = write_config(
+        tmp_path / "aggregator.toml", {**ROUNDS, "rounds": 2}, {"port": free_port()}, bundle=tiny_bundle
+    )
     store = SQLiteStore(tmp_path / "state.sqlite")
     tokens = [store.issue_token() for _ in range(3)]
     store.close()

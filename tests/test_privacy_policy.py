@@ -123,9 +123,9 @@ def test_epsilon_per_run_and_over_the_devices_life(tmp_path: Path) -> None:
 
 
 def serve(
-    tmp_path: Path, training: str, command: tuple[str, ...] | None = None, *args: str
+    tmp_path: Path, bundle: Path, training: str, command: tuple[str, ...] | None = None, *args: str
 ) -> AggregatorProcess:
-    config = write_config(tmp_path / "aggregator.toml", ROUNDS)
+    config = write_config(tmp_path / "aggregator.toml", ROUNDS, bundle=bundle)
     config.write_text(config.read_text() + f"\n[training]\nn_ctx = 4\nbatch_size = 8\n{training}")
     return AggregatorProcess(config, *args, **({"command": command} if command else {}))
 
@@ -186,7 +186,7 @@ def assert_refused_and_nothing_uploaded(
 def test_devices_refuse_an_aggregator_below_their_floor(
     training: str, policy: tuple[str, ...], line: str, tiny_bundle: Path, tmp_path: Path
 ) -> None:
-    server = serve(tmp_path, training)
+    server = serve(tmp_path, tiny_bundle, training)
     assert_refused_and_nothing_uploaded(
         tmp_path, server, devices(tmp_path, server, tiny_bundle, *policy), 1, line
     )
@@ -194,7 +194,12 @@ def test_devices_refuse_an_aggregator_below_their_floor(
 
 def test_devices_refuse_an_aggregator_that_changes_clip_mid_run(tiny_bundle: Path, tmp_path: Path) -> None:
     server = serve(
-        tmp_path, 'dp = "client"\nclip = 0.2\nnoise_multiplier = 1.0\n', DRIFTING, "--drift", "clip=0.4"
+        tmp_path,
+        tiny_bundle,
+        'dp = "client"\nclip = 0.2\nnoise_multiplier = 1.0\n',
+        DRIFTING,
+        "--drift",
+        "clip=0.4",
     )
     clients = devices(tmp_path, server, tiny_bundle)
     server.wait_for_log(r"round 1/3 committed: 2 clients", 180)
