@@ -152,9 +152,10 @@ def test_the_secfpp_rows_config_repeats_the_results_table_setting() -> None:
     assert rows.entry("SecFPP + DP-SGD").target_epsilon == matched
 
 
-def write_toml(path: Path, method: str, extra: str = "") -> Path:
+def write_toml(path: Path, method: str, bundle: Path, extra: str = "") -> Path:
     rounds = "[rounds]\nmin_fit = 4\nmin_clients = 4\n"
-    path.write_text(f'[server]\nstate = "s.sqlite"\n{rounds}[method]\nname = "{method}"\n{extra}')
+    named = f'[method]\nname = "{method}"\nbundle = "{bundle}"\n'
+    path.write_text(f'[server]\nstate = "s.sqlite"\n{rounds}{named}{extra}')
     return path
 
 
