@@ -307,9 +307,9 @@ class AggregatorConfig:
     def check(self) -> AggregatorConfig:
         self.server.check()
         self.rounds.check()
-        self.method.check()
         self.aggregation.check()
         self.secure_aggregation.check()
+        self.method.check()
         _require(
             self.settings.method == self.method.name,
             f"settings are for method {self.settings.method}, the run uses {self.method.name}",

@@ -674,17 +674,19 @@ def test_every_numeric_config_value_has_a_range_checked_at_start() -> None:
             assert line.startswith(f"{section.NAME}.{name} must be in "), line
 
 
-def test_a_device_killed_while_training_says_it_pays_for_the_round_again(tmp_path: Path) -> None:
+def test_a_device_killed_while_training_says_it_pays_for_the_round_again(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
     rules = {**ROUNDS, "min_clients": 1, "min_fit": 1, "min_updates": 1}
-    server, tokens = start(tmp_path, 1, rules)
+    server, tokens = start(tmp_path, 1, rules, tiny_bundle=tiny_bundle)
     (tmp_path / "tokens").write_text(tokens[0])
     args = (server.address, tmp_path / "tokens", tmp_path / "clients", 0, 1)
-    first = LightClients(*args, "--train-s", "60")
+    first = LightClients(*args, "--train-s", "60", bundle=tiny_bundle)
     again = None
     try:
         first.wait_for_log(r"trained round 1")  # training has started (and, under DP, been paid for)
         first.kill()
-        again = LightClients(*args, "--train-s", "0.1")
+        again = LightClients(*args, "--train-s", "0.1", bundle=tiny_bundle)
         assert again.wait(60) == 0, again.log[-3000:]
         assert again.count(r"round 1: training again: its last training was interrupted") == 1
         assert first.count(r"training again") == 0
