@@ -53,8 +53,10 @@ def push_round(clients: list[RawClient], round_id: int) -> int:
     return sent
 
 
-def test_metrics_health_and_status_watch_during_a_real_run(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "aggregator.toml", {**FAST_ROUNDS, "rounds": 2}, EXACT)
+def test_metrics_health_and_status_watch_during_a_real_run(tmp_path: Path, tiny_bundle: Path) -> None:
+    config = write_config(
+        tmp_path / "aggregator.toml", {**FAST_ROUNDS, "rounds": 2}, EXACT, bundle=tiny_bundle
+    )
     tokens = issue_tokens(tmp_path / "state.sqlite", 3)
     watch = LoggedProcess([FEDPROMPT, "aggregator", "status", "--config", str(config), "--watch", "0.2"])
     watch.wait_for_log("no run yet")
