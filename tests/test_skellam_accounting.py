@@ -16,6 +16,7 @@ from fedprompt.common.privacy_labels import describe_epsilon
 from fedprompt.common.skellam_accounting import (
     ORDERS,
     gaussian_epsilon,
+    matched_to_local,
     noise_multiplier_for,
     replace_one_sensitivity,
     round_release,
@@ -126,3 +127,15 @@ def test_calibration_finds_the_smallest_noise_for_an_epsilon() -> None:
 def test_the_epsilon_is_labelled_with_its_adjacency_and_accountant() -> None:
     line = describe_epsilon(2.5, 1e-5, "distributed", "skellam")
     assert "secure-aggregation threshold" in line and "Skellam RDP" in line
+
+
+def test_matched_to_local_keeps_each_devices_noise_and_divides_epsilon() -> None:
+    """At the demo's setting (clip 0.2, 64 values, 16 devices, 15 rounds, sigma 1.5) each device
+    adds the local run's variance, and the epsilon against the aggregator is over 4 times lower
+    with the noise sized for all 16, and still lower than local with a threshold of 8."""
+    local = gaussian_epsilon(4 * 0.2**2, (1.5 * 0.2) ** 2, 15, 1e-5)
+    for threshold, factor in ((16, 4.0), (8, 1.0)):
+        config = matched_to_local(0.2, 64, 16, 15, 1.5, threshold)
+        device_variance = config.central_variance(1) / config.scale**2
+        assert device_variance == pytest.approx((1.5 * 0.2) ** 2, rel=1e-3)
+        assert skellam_epsilon([round_release(config, 15)], 1e-5) * factor < local

@@ -130,7 +130,7 @@ class SkellamConfig:
             f"device Sk({self.device_lambda}) (central std {central_std:.4g} at the threshold "
             f"of {self.threshold} survivors, target {self.noise_multiplier * self.clip:.4g}), "
             f"{self.modulus_bits}-bit sums of up to {self.max_clients}: wrap-around probability per round "
-            f"<= {self.wrap_probability:.2g}"
+            f"<= {max(self.wrap_probability, 1e-300):.2g}"
         )
 
     def sampler(self, source: BitSource | None = None) -> SkellamSampler:

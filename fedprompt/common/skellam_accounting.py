@@ -20,13 +20,14 @@ D1 = min(2 * (one device's L1 bound), D2^2).
 
 from __future__ import annotations
 
+import argparse
 import math
 import warnings
 from collections.abc import Callable
 
 from opacus.accountants.analysis.rdp import get_privacy_spent
 
-from fedprompt.common.distributed_dp import SkellamConfig
+from fedprompt.common.distributed_dp import SkellamConfig, default_scale
 
 ORDERS = tuple(range(2, 257))  # the bound holds for integer orders only
 Release = tuple[float, float, float, int]  # (L1 sensitivity, squared L2 sensitivity, variance, rounds)
@@ -94,3 +95,75 @@ def noise_multiplier_for(
         mid = math.sqrt(low * high)
         low, high = (low, mid) if spent(mid) <= epsilon else (mid, high)
     return high
+
+
+def matched_to_local(
+    clip: float, dim: int, clients: int, rounds: int, local_noise_multiplier: float, threshold: int
+) -> SkellamConfig:
+    """The distributed configuration whose noise in the sum of all `clients` equals that of
+    `clients` local-DP uploads (variance clients * (sigma clip)^2): the same noise in the averaged
+    update, with each device's share sized so `threshold` survivors still carry its target."""
+    return SkellamConfig(
+        clip=clip,
+        noise_multiplier=local_noise_multiplier * math.sqrt(threshold),
+        threshold=threshold,
+        max_clients=clients,
+        dim=dim,
+        scale=default_scale(clip, dim),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Epsilon of local DP against distributed Skellam DP at the same noise in the average."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--clip", type=float, default=0.2)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--noise-multiplier", type=float, default=1.5, help="the local-DP one")
+    parser.add_argument("--thresholds", type=int, nargs="+", default=[16, 12, 8])
+    parser.add_argument("--delta", type=float, default=1e-5)
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
+    args = parser.parse_args(argv)
+    sigma, clip = args.noise_multiplier, args.clip
+    local = gaussian_epsilon(4 * clip**2, (sigma * clip) ** 2, args.rounds, args.delta)
+    print(f"local DP, sigma {sigma:g}: epsilon {local:.2f} (Gaussian RDP, integer orders 2..256)")
+    print(f"at the same per-device noise (sum of {args.clients} with the local runs' variance):")
+    for threshold in args.thresholds:
+        config = matched_to_local(clip, args.dim, args.clients, args.rounds, sigma, threshold)
+        release = round_release(config, args.rounds)
+        skellam = skellam_epsilon([release], args.delta)
+        gaussian = gaussian_epsilon(release[1], release[2], args.rounds, args.delta)
+        print(
+            f"distributed, threshold {threshold}: epsilon {skellam:.2f} "
+            f"(Gaussian at the same variance {gaussian:.2f}; {local / skellam:.1f}x below local) | "
+            f"{config.summary()}"
+        )
+
+    print(f"noise std in the average of {args.clients} updates, in units of clip, for a target epsilon:")
+    scale = default_scale(clip, args.dim)
+    for epsilon in args.epsilons:
+        local_sigma = _local_sigma_for(epsilon, args.delta, args.rounds)
+        cells = [f"epsilon {epsilon:g}: local {local_sigma / math.sqrt(args.clients):.3f}"]
+        for threshold in args.thresholds:
+
+            def make(noise: float, threshold: int = threshold) -> SkellamConfig:
+                return SkellamConfig(clip, noise, threshold, args.clients, args.dim, scale)
+
+            config = make(noise_multiplier_for(epsilon, args.delta, args.rounds, make))
+            average_std = math.sqrt(config.central_variance(args.clients)) / config.scale / args.clients
+            cells.append(f"distributed t={threshold} {average_std / clip:.3f}")
+        print(" | ".join(cells))
+
+
+def _local_sigma_for(epsilon: float, delta: float, rounds: int) -> float:
+    """Client-level local DP's noise multiplier for `epsilon` (same RDP orders, to 0.1%)."""
+    low, high = 0.05, 500.0
+    while high / low > 1.001:
+        mid = math.sqrt(low * high)
+        low, high = (low, mid) if gaussian_epsilon(4.0, mid**2, rounds, delta) <= epsilon else (mid, high)
+    return high
+
+
+if __name__ == "__main__":
+    main()
