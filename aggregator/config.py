@@ -317,7 +317,7 @@ class AggregatorConfig:
         spec = self.settings.spec
         try:
             spec.check_task(self.settings.task)
-            spec.check_secure_aggregation(self.secure_aggregation.enabled)
+            spec.check_secure_aggregation(self.secure_aggregation.enabled, self.settings.task)
             spec.check_capabilities(self.bundle_dims().capabilities, f"bundle {self.method.bundle}")
         except SettingsError as error:
             raise ConfigError(str(error)) from None

@@ -46,7 +46,7 @@ def head_accuracy(head: nn.Module, images: torch.Tensor, labels: torch.Tensor) -
     """Top-1 accuracy of a head on normalised image features."""
     if len(labels) == 0:
         return float("nan")
-    return float((head(images).argmax(dim=1) == labels).float().mean())
+    return float((head(images).argmax(dim=1) == labels).double().mean())
 
 
 @torch.no_grad()

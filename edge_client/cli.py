@@ -93,6 +93,14 @@ def client() -> None:
     help="Give up after this many seconds without reaching the aggregator (retries use backoff).",
 )
 @click.option(
+    "--attributes",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="JSON file: each class name -> a list of short phrases describing it (FedMVP's attribute "
+    "sentences; see edge_client/attributes). Kept in the state folder. Default: the shipped file for "
+    "the device's classes, else class names alone.",
+)
+@click.option(
     "--privacy-policy",
     "policy_file",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
@@ -177,6 +185,7 @@ def run(
     accountant: str | None,
     accept_weaker_policy: bool,
     secagg_min_threshold: int,
+    attributes: Path | None,
 ) -> None:
     """Join the aggregator's run: enrol, then train each round it is sampled for and upload the
     update, until the run is finished. Image features are computed once and cached; a trained
@@ -184,6 +193,7 @@ def run(
     A task below this device's privacy floor (--privacy-policy and the flags after it) is refused
     before any training, with one line, and the aggregator is told."""
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # failed handshakes get our one line, not grpc's
+    from edge_client.attributes import AttributeFileError, install
     from edge_client.bundle import BundleError
     from edge_client.methods.base import ClientMethod
     from edge_client.methods.registry import CLIENT_METHODS
@@ -205,6 +215,7 @@ def run(
     except (AddressError, TLSSettingsError) as error:
         raise click.ClickException(str(error)) from None
     user_errors = (
+        AttributeFileError,
         BundleError,
         ClientError,
         CodecError,
@@ -236,6 +247,8 @@ def run(
         if skip_bad_images:
             train, held_out = _readable(data), None if eval_data is None else _readable(eval_data)
         workspace = ClientWorkspace.load(bundle, train, held_out, state_dir=state_dir, precision=precision)
+        if attributes is not None:
+            install(attributes, state_dir, workspace.class_names)
 
         def build_method(method: str) -> ClientMethod:
             if method not in CLIENT_METHODS:

@@ -78,5 +78,8 @@ def test_every_specs_initial_state_and_updates_are_sized_from_the_bundle(
     state = spec.initial_state(settings.task, dims)
     update = spec.expected_update(settings.task, dims)
     assert state and update and all(t.dtype.name == "float32" for t in state.values())
+    if "visual_prompts" in spec.capabilities:  # FedMVP: a PromptFormer of the image tower's width
+        assert any(shape == (dims.image_width, dims.embed_dim) for shape in update.values())
+        return
     prompts = [shape for shape in update.values() if len(shape) >= 2 and shape[-2:] == (8, dims.text_width)]
-    assert prompts  # every method's update carries a prompt of the bundle's width
+    assert prompts  # every text-prompt method's update carries a prompt of the bundle's width

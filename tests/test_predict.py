@@ -16,7 +16,7 @@ import pytest
 from aggregator_process import FEDPROMPT as FEDPROMPT_SCRIPT
 from colour_images import write_colour_folder
 
-from edge_client.class_heads import head_accuracy
+from edge_client.class_heads import encoded_features, head_accuracy
 from edge_client.classifier_export import export_classifier
 from edge_client.datasets import load_dataset
 from edge_client.exported_classifier import HEAD_FILE, ClassifierError, ExportedClassifier
@@ -34,6 +34,7 @@ METHOD_SETTINGS = {
     "dpfpl": {"rank": 2},
     "pfedmoap": {"experts": 2},
     "secfpp": {"clusters": 2, "cluster_dim": 4},
+    "fedmvp": {"former_heads": 4, "ff_mult": 2, "compression": "lowrank", "compression_rank": 2},
 }
 
 
@@ -82,7 +83,11 @@ def test_head_is_what_a_round_starts_from(finished) -> None:
     classifier_run = DeviceClassifier.load(workspace.bundle.path, workspace.state_dir).run
     task = classifier_run.next_task()
     client = CLIENT_METHODS[method](workspace)
-    expected = head_accuracy(client.head(task), *workspace.evaluation.tensors())
+    features, labels = workspace.evaluation.tensors()
+    encoder = client.image_encoder(task)
+    if encoder is not None:  # a method with its own image side (FedMVP) classifies the images
+        features = encoded_features(encoder, workspace.evaluation.images, workspace.bundle)
+    expected = head_accuracy(client.head(task), features, labels)
     trial = workspace.state_dir.parent / "trial"
     shutil.copytree(workspace.state_dir, trial)
     copy = ClientWorkspace(

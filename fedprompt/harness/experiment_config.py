@@ -114,13 +114,16 @@ class MethodEntry:
     "local-only". `settings`: over [training], the method's own settings too (each key goes to the
     section of the method's spec that owns it). `target_epsilon` or `match_epsilon_of` (the label
     of another entry, whose final epsilon at the same seed becomes the target) set the noise
-    multiplier by searching the accountant, so entries are compared at equal epsilon."""
+    multiplier by searching the accountant, so entries are compared at equal epsilon.
+    `update_encoding` (None: [rounds]'s) is this entry's wire encoding of the clients' updates, so
+    that encodings can be compared on the same split."""
 
     label: str
     method: str
     settings: RunSettings  # baselines: PromptFL's (local-only trains PromptFL's client half)
     target_epsilon: float | None = None
     match_epsilon_of: str | None = None
+    update_encoding: str | None = None
 
     @property
     def federated(self) -> bool:
@@ -300,7 +303,7 @@ def _check(config: ExperimentConfig) -> None:
 def _method(values: Any, training: dict[str, Any], index: int) -> MethodEntry:
     where = f"[[methods]] #{index + 1}"
     _require(isinstance(values, dict), f"{where} must be a table")
-    known = {"label", "method", "settings", "target_epsilon", "match_epsilon_of"}
+    known = {"label", "method", "settings", "target_epsilon", "match_epsilon_of", "update_encoding"}
     unknown = sorted(set(values) - known)
     _require(not unknown, f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     method = values.get("method")
@@ -335,7 +338,12 @@ def _method(values: Any, training: dict[str, Any], index: int) -> MethodEntry:
             settings.core.dp != "none", f"{label}: an epsilon target needs settings dp = client or sample"
         )
         _require(method != ZERO_SHOT, f"{label}: zero-shot trains nothing and spends no epsilon")
-    return MethodEntry(label, method, settings, None if target is None else float(target), match)
+    encoding = values.get("update_encoding")
+    _require(
+        encoding is None or encoding in ENCODINGS,
+        f"{label}: update_encoding must be one of {', '.join(ENCODINGS)}",
+    )
+    return MethodEntry(label, method, settings, None if target is None else float(target), match, encoding)
 
 
 def _claim(values: Any, index: int) -> Claim:

@@ -150,6 +150,7 @@ class MethodSpec:
     update_shapes: Callable[[TaskSettings, BundleDims], Shapes] | None = None
     weighs_by_examples: bool = True  # False: every client weighs 1 in the (secure) sum
     check_settings: Callable[[TaskSettings], None] | None = None  # checks across sections
+    unsummable: Callable[[TaskSettings], str | None] | None = None  # why these updates cannot be summed
 
     def __post_init__(self) -> None:
         assert set(self.dp_modes) <= set(DP_MODES) and self.secure_aggregation in SECURE_AGGREGATION
@@ -169,7 +170,9 @@ class MethodSpec:
         if self.check_settings is not None:
             self.check_settings(task)
 
-    def check_secure_aggregation(self, enabled: bool) -> None:
+    def check_secure_aggregation(self, enabled: bool, task: TaskSettings | None = None) -> None:
+        if enabled and task is not None and self.unsummable is not None and (why := self.unsummable(task)):
+            raise SettingsError(f"method {self.name} cannot run with [secure_aggregation] enabled: {why}")
         if self.secure_aggregation == "required" and not enabled:
             raise SettingsError(
                 f"method {self.name} runs only with [secure_aggregation] enabled = true "
