@@ -1,4 +1,5 @@
-"""AFSPL's row of `fedprompt bench train`: one local step of caption-prompt training with the image
+"""AFSPL's row of `fedprompt bench train`: one local step of AFSPL's client half (its
+`CaptionObjective`, the loss the shared training loop steps, on the fused prompt) with the image
 features cached (fedprompt: the prompted ONNX encoder's pooled feature and patch tokens, computed
 once per image) against re-encoding every image in every step (the torch image tower each step, as
 a training loop over raw images does); same fused prompt, same captions, loss and gradient checked.
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from edge_client.bundle import Bundle
-from edge_client.caption_training import fused_prompts, init_fused, init_prompt
+from edge_client.caption_training import CaptionObjective, init_fused, init_prompt
 from edge_client.torch_threads import torch_threads
 
 Step = Callable[[], tuple[float, torch.Tensor]]
@@ -41,12 +42,14 @@ def _benchmark(bundle: Bundle, batch_size: int, steps: int, threads: int | None)
         init_prompt(PROMPT_TOKENS, captioner.d_model, 0.02, generator), bundle.embed_dim, 0.02, generator
     )
     start["gate_weight"] = 0.1 * torch.randn(start["gate_weight"].shape, generator=generator)
+    objective = CaptionObjective(captioner)
 
     def step_of(encode: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> Step:
         def step() -> tuple[float, torch.Tensor]:
             features, patches = encode()
             params = {name: t.clone().requires_grad_(True) for name, t in start.items()}
-            loss = captioner.loss(fused_prompts(params, features), features, patches, labels)
+            losses, _ = objective.losses(None, params, (features, patches), labels)
+            loss = losses.mean()
             loss.backward()
             return float(loss.detach()), torch.cat([params[n].grad.flatten() for n in sorted(params)])
 

@@ -5,19 +5,20 @@ The prompt is either one shared soft prompt {"prompt": [P,d]} or AFSPL's fused p
 "modality_bias" [P*d]}: w_g * global + w_l * local + w_m * modality(f) with (w_g, w_l, w_m) =
 softmax(gate(f)) on the image feature f. `fused_prompts` is the torch twin of
 `edge_client.caption_prompts.prompts_for` (the numpy one generation uses); a test holds them equal.
+`CaptionObjective` is the same loss as an `edge_client.training.Objective` (per example), so the
+client half trains it with the shared plain and DP-SGD loops.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 
 from edge_client.caption_tokenizer import CaptionTokenizer
 from edge_client.captioner import Captioner
-from edge_client.training import make_optimizer
-from fedprompt.common.settings import TrainingSettings
+from edge_client.training import Inputs, Objective
 
 Params = dict[str, torch.Tensor]
 
@@ -25,8 +26,9 @@ Params = dict[str, torch.Tensor]
 def fused_prompts(params: Params, image_features: torch.Tensor) -> torch.Tensor:
     """[N,P,d] prompts for image features [N,D] (see the module docstring)."""
     n = len(image_features)
-    if "prompt" in params:
-        return params["prompt"].expand(n, *params["prompt"].shape)
+    if "gate_weight" not in params:  # one shared prompt: "prompt", or AFSPL's global prompt alone
+        shared = params["prompt"] if "prompt" in params else params["global"]
+        return shared.expand(n, *shared.shape)
     weights = torch.softmax(image_features @ params["gate_weight"].T + params["gate_bias"], dim=1)
     modality = (image_features @ params["modality_weight"].T + params["modality_bias"]).view(
         n, *params["global"].shape
@@ -36,6 +38,27 @@ def fused_prompts(params: Params, image_features: torch.Tensor) -> torch.Tensor:
         + weights[:, 1, None, None] * params["local"]
         + weights[:, 2, None, None] * modality
     )
+
+
+class CaptionObjective(Objective):
+    """Each example's mean token cross-entropy of its caption through the frozen captioner with
+    the fused (or shared) prompt: inputs (image features [B,D], patch tokens [B,T,W]), labels
+    token ids [B,L] (-100 = padding); the "logits" are the token logits [B,L,V]."""
+
+    def __init__(self, captioner: Captioner) -> None:
+        self.captioner = captioner
+
+    def classify(self, shared: None, params: Params, inputs: Inputs) -> torch.Tensor:
+        raise TypeError("a caption objective has no class logits")
+
+    def losses(
+        self, shared: None, params: Params, inputs: Inputs, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        features, patches = inputs
+        logits = self.captioner.label_logits(fused_prompts(params, features), features, patches, labels)
+        per_token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        tokens = (labels != -100).sum(1).clamp(min=1)
+        return per_token.sum(1) / tokens, logits
 
 
 def init_prompt(tokens: int, d_model: int, std: float, generator: torch.Generator) -> torch.Tensor:
@@ -63,32 +86,3 @@ def caption_labels(tokenizer: CaptionTokenizer, captions: Sequence[str]) -> torc
     for row, seq in enumerate(ids):
         labels[row, : len(seq)] = torch.tensor(seq)
     return labels
-
-
-def train_caption_prompts(
-    captioner: Captioner,
-    params: Params,
-    features: np.ndarray,
-    patches: np.ndarray,
-    labels: torch.Tensor,
-    settings: TrainingSettings,
-    generator: torch.Generator,
-    trainable: Sequence[str] | None = None,
-) -> tuple[Params, float]:
-    """`local_epochs` passes of the settings' optimiser over shuffled batches of the mean token
-    cross-entropy; only `trainable` tensors (default all) move. Returns the tensors and the mean loss."""
-    names = list(trainable if trainable is not None else params)
-    tensors = {k: v.detach().clone().requires_grad_(k in names) for k, v in params.items()}
-    optimizer = make_optimizer([tensors[k] for k in names], settings)
-    features_t, patches_t = torch.from_numpy(features), torch.from_numpy(patches)
-    losses = []
-    for _ in range(settings.local_epochs):
-        for batch in torch.randperm(len(labels), generator=generator).split(settings.batch_size):
-            prompt = fused_prompts(tensors, features_t[batch])
-            trimmed = labels[batch][:, : int((labels[batch] != -100).sum(1).max())].contiguous()
-            loss = captioner.loss(prompt, features_t[batch], patches_t[batch], trimmed)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-    return {k: v.detach() for k, v in tensors.items()}, float(np.mean(losses)) if losses else float("nan")

@@ -142,6 +142,17 @@ class Captioner(nn.Module):
         embeds = self.encoder_inputs(prompt, image_features, patch_tokens)
         return self.t5(inputs_embeds=embeds, labels=labels).loss
 
+    def label_logits(
+        self,
+        prompt: torch.Tensor | None,
+        image_features: torch.Tensor,
+        patch_tokens: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> torch.Tensor:
+        """Teacher-forced logits [N,L,V] of `labels` [N,L] (what `loss` averages)."""
+        embeds = self.encoder_inputs(prompt, image_features, patch_tokens)
+        return self.t5(inputs_embeds=embeds, labels=labels).logits
+
     def logits(self, encoder_states: torch.Tensor, decoder_input_ids: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits [N,L,V] for decoder inputs [N,L] (starting with the start token)."""
         return self.t5(encoder_outputs=(encoder_states,), decoder_input_ids=decoder_input_ids).logits

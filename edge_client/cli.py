@@ -195,6 +195,7 @@ def run(
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # failed handshakes get our one line, not grpc's
     from edge_client.attributes import AttributeFileError, install
     from edge_client.bundle import BundleError
+    from edge_client.caption_workspace import CaptionWorkspace, is_captioned_folder
     from edge_client.methods.base import ClientMethod
     from edge_client.methods.registry import CLIENT_METHODS
     from edge_client.privacy_policy import PolicyError, PolicyGuard, PrivacyPolicy, install_policy
@@ -202,6 +203,7 @@ def run(
     from edge_client.tls import TLSSettingsError, channel_security
     from edge_client.workspace import ClientWorkspace, WorkspaceError
     from fedprompt.common.codec import CodecError
+    from fedprompt.common.methods import spec_of
     from fedprompt.common.network import AddressError
     from fedprompt.common.privacy import BudgetExceeded, PrivacyStateError
     from fedprompt.common.secagg.policy import ThresholdFloor
@@ -243,17 +245,30 @@ def run(
         raise click.ClickException(str(error)) from None
     link = AggregatorLink(address, patience_s=connect_timeout, security=security)
     try:
-        train, held_out = data, eval_data
-        if skip_bad_images:
-            train, held_out = _readable(data), None if eval_data is None else _readable(eval_data)
-        workspace = ClientWorkspace.load(bundle, train, held_out, state_dir=state_dir, precision=precision)
-        if attributes is not None:
-            install(attributes, state_dir, workspace.class_names)
+        captioning = is_captioned_folder(data)
+        if captioning:  # captioned images (captions.txt): the captioning methods' workspace
+            workspace = CaptionWorkspace.load(bundle, data, eval_data, state_dir=state_dir)
+        else:
+            train, held_out = data, eval_data
+            if skip_bad_images:
+                train, held_out = _readable(data), None if eval_data is None else _readable(eval_data)
+            workspace = ClientWorkspace.load(
+                bundle, train, held_out, state_dir=state_dir, precision=precision
+            )
+            if attributes is not None:
+                install(attributes, state_dir, workspace.class_names)
 
         def build_method(method: str) -> ClientMethod:
             if method not in CLIENT_METHODS:
                 known = ", ".join(sorted(CLIENT_METHODS))
                 raise ClientError(f"the aggregator runs method {method!r}; this client knows {known}")
+            if ("captioning" in spec_of(method).capabilities) != captioning:
+                wanted = (
+                    "captioned images (a folder with captions.txt)" if not captioning else "class folders"
+                )
+                raise ClientError(
+                    f"the aggregator runs method {method}, which trains on {wanted}; --data has not"
+                )
             return CLIENT_METHODS[method](workspace)
 
         floor = ThresholdFloor(minimum=secagg_min_threshold)
@@ -272,7 +287,8 @@ def run(
         link.close()
     click.echo(f"run {final['run_id']} finished after round {final['round_id']}")
     if final["kept"]:
-        click.echo(f"classify with it: fedprompt predict --bundle {bundle} --state-dir {state_dir} IMAGES...")
+        use = "caption with it: fedprompt caption" if captioning else "classify with it: fedprompt predict"
+        click.echo(f"{use} --bundle {bundle} --state-dir {state_dir} IMAGES...")
 
 
 def _readable(spec: str) -> ImageSet:

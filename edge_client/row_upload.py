@@ -1,19 +1,11 @@
 """AFSPL's upload: only the K prompt rows whose update is largest (L2 norm per row), with their
-indices. Under DP the caller privatises the WHOLE update first (clip + Gaussian noise) and selects
-from the noisy update, so the selection is post-processing and the indices leak nothing extra."""
+indices (K: the spec's `AFSPLClient.rows_sent`). Under DP the caller privatises the WHOLE update
+first (clip + Gaussian noise) and selects from the noisy update, so the selection is
+post-processing and the indices leak nothing extra."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-
-
-def rows_to_send(rows: int, fraction: float) -> int:
-    """K = ceil(fraction * rows), at least 1 (30% of 16 rows -> 5)."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"top-K fraction must be in (0, 1], got {fraction}")
-    return max(1, math.ceil(fraction * rows - 1e-9))
 
 
 def top_k_rows(update: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

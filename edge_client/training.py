@@ -125,26 +125,27 @@ def make_optimizer(parameters: Sequence[torch.Tensor], settings: TrainingSetting
 
 @dataclass
 class TrainStats:
-    """Running loss and accuracy over the examples a round trained on."""
+    """Running loss and accuracy over the examples a round trained on (accuracy only where the
+    labels are class indices [B]; a captioning objective's labels are token ids [B, L])."""
 
     loss_sum: float = 0.0
     correct: int = 0
     seen: int = 0
     steps: int = 0
+    classified: bool = True
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self.loss_sum += float(loss) * len(labels)
-        self.correct += int((logits.argmax(dim=1) == labels).sum())
+        self.classified = self.classified and labels.dim() == 1
+        if self.classified:
+            self.correct += int((logits.argmax(dim=1) == labels).sum())
         self.seen += len(labels)
         self.steps += 1
 
     def metrics(self) -> dict[str, float]:
         seen = max(self.seen, 1)
-        return {
-            "train_loss": self.loss_sum / seen,
-            "train_accuracy": self.correct / seen,
-            "steps": self.steps,
-        }
+        accuracy = {"train_accuracy": self.correct / seen} if self.classified else {}
+        return {"train_loss": self.loss_sum / seen, **accuracy, "steps": self.steps}
 
 
 def train_plain(

@@ -62,11 +62,17 @@ def holdout_split(images: ImageSet, fraction: float, key: bytes) -> tuple[np.nda
     of the device's data, not only of one particular split of it (a seeded permutation per class
     moved dozens of other images when one was added). Identical images fall on the same side.
     """
-    held = np.zeros(len(images), dtype=bool)
-    for index in range(len(images)):
-        tag = hmac.new(key, bytes.fromhex(images.content_digest(index)), hashlib.sha256).digest()
-        held[index] = int.from_bytes(tag[:8], "big") < fraction * 2**64
+    held = held_out([images.content_digest(index) for index in range(len(images))], fraction, key)
     return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def held_out(digests: Sequence[str], fraction: float, key: bytes) -> np.ndarray:
+    """[N] bool: which items (by hex content digest) `holdout_split`'s keyed hash holds out."""
+    held = np.zeros(len(digests), dtype=bool)
+    for index, digest in enumerate(digests):
+        tag = hmac.new(key, bytes.fromhex(digest), hashlib.sha256).digest()
+        held[index] = int.from_bytes(tag[:8], "big") < fraction * 2**64
+    return held
 
 
 def holdout_key(state_dir: Path) -> bytes:

@@ -1,6 +1,7 @@
-"""The in-process captioning comparison on a tiny split: every method scored with BLEU-4 and CIDEr-D
-(greedy and beam), top-K uploads are smaller than full ones and carry only rows and their indices,
-and only the DP rows report an epsilon, equal to the accountant's for that many rounds."""
+"""The captioning comparison on a tiny split, every trained row through AFSPL's two halves and the
+daemon's round coordinator in one process: every method scored with BLEU-4 and CIDEr-D (greedy
+and beam), top-K uploads are smaller than full ones, and only the DP rows report an epsilon, the
+devices' accountant's for that many rounds of the client-level mechanism."""
 
 from __future__ import annotations
 

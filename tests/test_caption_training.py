@@ -11,7 +11,8 @@ import torch
 
 from edge_client.bundle import Bundle
 from edge_client.caption_prompts import prompts_for
-from edge_client.caption_training import caption_labels, fused_prompts, init_fused, train_caption_prompts
+from edge_client.caption_training import CaptionObjective, caption_labels, fused_prompts, init_fused
+from edge_client.training import train_plain
 from export.caption_parity import random_image_inputs
 from fedprompt.common.settings import TrainingSettings
 
@@ -44,16 +45,14 @@ def test_training_a_prompt_lowers_its_caption_loss(caption_bundle: Path) -> None
     labels = caption_labels(bundle.caption_tokenizer(), texts)
     params = {"prompt": 0.02 * torch.randn(4, captioner.d_model, generator=generator)}
     settings = TrainingSettings(lr=0.05, optimizer="adam", local_epochs=1, batch_size=8)
-    _, first = train_caption_prompts(captioner, params, features, patches, labels, settings, generator)
-    trained, _ = train_caption_prompts(
-        captioner,
-        params,
-        features,
-        patches,
-        labels,
-        TrainingSettings(lr=0.1, optimizer="adam", local_epochs=8, batch_size=8),
-        generator,
-    )
-    _, after = train_caption_prompts(captioner, trained, features, patches, labels, settings, generator)
+    objective, inputs = CaptionObjective(captioner), (torch.from_numpy(features), torch.from_numpy(patches))
+
+    def train(params: dict, settings: TrainingSettings) -> tuple[dict, float]:
+        trained, stats = train_plain(objective, params, inputs, labels, settings, generator)
+        return trained, stats.metrics()["train_loss"]
+
+    _, first = train(params, settings)
+    trained, _ = train(params, TrainingSettings(lr=0.1, optimizer="adam", local_epochs=8, batch_size=8))
+    _, after = train(trained, settings)
     assert after < 0.95 * first
     assert all(torch.equal(v, captioner.state_dict()[k]) for k, v in before.items())

@@ -70,14 +70,19 @@ def test_a_method_needing_a_capability_the_bundle_lacks_is_refused(tmp_path: Pat
 
 @pytest.mark.parametrize("method", sorted(METHOD_SPECS))
 def test_every_specs_initial_state_and_updates_are_sized_from_the_bundle(
-    method: str, tiny_bundle: Path
+    method: str, request: pytest.FixtureRequest
 ) -> None:
-    dims = BundleDims.read(tiny_bundle)
-    settings = RunSettings.from_flat(method, {"n_ctx": 8})
+    captioning = "captioning" in METHOD_SPECS[method].capabilities  # prompts on the decoder side
+    dims = BundleDims.read(request.getfixturevalue("caption_bundle" if captioning else "tiny_bundle"))
+    settings = RunSettings.from_flat(method, {"prompt_tokens": 8} if captioning else {"n_ctx": 8})
     spec = settings.spec
     state = spec.initial_state(settings.task, dims)
     update = spec.expected_update(settings.task, dims)
     assert state and update and all(t.dtype.name == "float32" for t in state.values())
+    if captioning:  # AFSPL: the global prompt in the decoder's width, K of its rows uploaded
+        assert {n: t.shape for n, t in state.items()} == {"global": (8, dims.decoder_width)}
+        assert update == {"rows": (3, dims.decoder_width), "indices": (3,)}
+        return
     if "visual_prompts" in spec.capabilities:  # FedMVP: a PromptFormer of the image tower's width
         assert any(shape == (dims.image_width, dims.embed_dim) for shape in update.values())
         return

@@ -6,14 +6,19 @@ import numpy as np
 import pytest
 
 from aggregator.strategies.row_average import average_rows
-from edge_client.row_upload import rows_to_send, top_k_rows
+from edge_client.row_upload import top_k_rows
+from fedprompt.common.methods.afspl import AFSPLClient
 from fedprompt.common.privacy import client_level_mechanism
+from fedprompt.common.settings import SettingsError
 
 
 def test_k_is_thirty_percent_of_sixteen_rows_rounded_up() -> None:
-    assert rows_to_send(16, 0.3) == 5 and rows_to_send(16, 1.0) == 16 and rows_to_send(3, 0.01) == 1
-    with pytest.raises(ValueError):
-        rows_to_send(16, 0.0)
+    def k(tokens: int, fraction: float) -> int:
+        return AFSPLClient(prompt_tokens=tokens, top_k_fraction=fraction).rows_sent
+
+    assert k(16, 0.3) == 5 and k(16, 1.0) == 16 and k(3, 0.01) == 1
+    with pytest.raises(SettingsError):
+        k(16, 0.0)
 
 
 def test_the_rows_with_the_largest_update_are_sent_with_their_indices() -> None:

@@ -17,8 +17,9 @@ from edge_client.bundle import Bundle, sha256_file
 from edge_client.caption_data import caption_features, open_images
 from edge_client.caption_prompts import prompts_for, save_prompt_parts
 from edge_client.caption_search import Decoding, generate
-from edge_client.caption_training import caption_labels, init_prompt, train_caption_prompts
+from edge_client.caption_training import CaptionObjective, caption_labels, init_prompt
 from edge_client.datasets import fashion_mnist_dir, load_fashion_mnist
+from edge_client.training import train_plain
 from export.decoder import TINY_CAPTIONER, TINY_FILES, WEIGHTS_DIR
 from fedprompt.cli import main
 from fedprompt.common.settings import TrainingSettings
@@ -79,9 +80,8 @@ def test_a_prompt_trained_on_a_client_style_is_what_fedprompt_caption_writes(
     generator = torch.Generator().manual_seed(0)
     params = {"prompt": init_prompt(8, captioner.d_model, 0.02, generator)}
     settings = TrainingSettings(lr=0.05, optimizer="adam", local_epochs=10, batch_size=16)
-    trained, _ = train_caption_prompts(
-        captioner, params, features[:60], patches[:60], labels, settings, generator
-    )
+    inputs = (torch.from_numpy(features[:60]), torch.from_numpy(patches[:60]))
+    trained, _ = train_plain(CaptionObjective(captioner), params, inputs, labels, settings, generator)
     save_prompt_parts(tmp_path / "state", {k: v.numpy() for k, v in trained.items()})
 
     held_out = [str(p) for p in paths[60:]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from aggregator.strategies import SERVER_STRATEGIES
+from aggregator.strategies import afspl as _afspl  # noqa: F401
 from aggregator.strategies import dpfpl as _dpfpl  # noqa: F401
 from aggregator.strategies import fedmvp as _fedmvp  # noqa: F401
 from aggregator.strategies import pfedmoap as _pfedmoap  # noqa: F401

@@ -121,6 +121,17 @@ class ClientMethod(ClientHalf):
         head with it."""
         return None
 
+    def held_out_metrics(self, objective: Objective, params: Params) -> dict[str, float]:
+        """What the model at `params` scores on the local hold-out (none without one): top-1
+        accuracy by default. The round reports it for the received and the served model, the
+        first as `received_<name>`."""
+        from edge_client.training import accuracy
+
+        held_out = self.workspace.evaluation
+        if not len(held_out):
+            return {}
+        return {"accuracy": accuracy(objective, params, self.inputs(held_out), held_out.labels)}
+
     def inputs(self, split: LabelledFeatures) -> Inputs:
         """The objective's per-example inputs of a local split: its cached image features."""
         return (split.features,)
@@ -128,17 +139,16 @@ class ClientMethod(ClientHalf):
     def run_round(self, task: RoundTask) -> RoundResult:
         from edge_client.dp_sgd import train_dp_sgd
         from edge_client.methods.round_parts import paid_round, round_generator
-        from edge_client.training import accuracy, train_plain
+        from edge_client.training import train_plain
 
         ws = self.workspace
         settings = TaskSettings.from_dict(self.name, task.settings)
         round_ = self.prepare(task, settings)
         core, objective = settings.core, round_.objective
         accountant, cost = paid_round(ws, core)
-        held_out = (self.inputs(ws.evaluation), ws.evaluation.labels)
         metrics = dict(round_.metrics)
-        if len(ws.evaluation):
-            metrics["received_accuracy"] = accuracy(objective, round_.params, *held_out)
+        received = self.held_out_metrics(objective, round_.params)
+        metrics.update({f"received_{name}": value for name, value in received.items()})
         train = (self.inputs(ws.train), ws.train.labels)
         if core.dp == "sample":
             trained, stats = train_dp_sgd(
@@ -152,6 +162,5 @@ class ClientMethod(ClientHalf):
         self.keep(round_, trained)
         metrics.update(stats.metrics())
         metrics.update(round_.metrics)  # what upload and keep added
-        if len(ws.evaluation):
-            metrics["accuracy"] = accuracy(objective, self.served(round_, trained, upload), *held_out)
+        metrics.update(self.held_out_metrics(objective, self.served(round_, trained, upload)))
         return RoundResult(upload, len(ws.train), metrics, accountant.report(cost))

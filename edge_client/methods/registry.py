@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from edge_client.methods import CLIENT_METHODS
+from edge_client.methods import afspl as _afspl  # noqa: F401
 from edge_client.methods import dpfpl as _dpfpl  # noqa: F401
 from edge_client.methods import fedmvp as _fedmvp  # noqa: F401
 from edge_client.methods import pfedmoap as _pfedmoap  # noqa: F401

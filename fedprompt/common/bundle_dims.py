@@ -26,6 +26,7 @@ class BundleDims:
     image_width: int | None  # None: the image tower cannot take visual prompts
     image_tokens: int | None
     capabilities: tuple[str, ...]
+    decoder_width: int | None = None  # d_model of the captioning decoder (None: no decoder)
 
     @classmethod
     def read(cls, path: str | Path) -> BundleDims:
@@ -60,11 +61,17 @@ class BundleDims:
                 if manifest["image_tokens"] is None
                 else _positive(manifest["image_tokens"]),
                 capabilities=tuple(str(c) for c in manifest["capabilities"]),
+                decoder_width=_decoder_width(manifest),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise BundleDimsError(
                 f"{where} lacks a usable dimension ({type(error).__name__}: {error})"
             ) from None
+
+
+def _decoder_width(manifest: dict[str, Any]) -> int | None:
+    decoder = manifest.get("parts", {}).get("decoder")
+    return None if decoder is None else _positive(decoder["spec"]["d_model"])
 
 
 def _positive(value: Any) -> int:

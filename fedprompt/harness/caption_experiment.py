@@ -1,11 +1,16 @@
-"""`fedprompt caption-experiment`: captioning prompts compared on the same split and seed, in one
-process: the frozen captioner without prompts, local-only prompts, federated prompts with plain
-FedAvg and full upload, and AFSPL (fusion of global, local and modality prompts + top-K row upload),
-with and without client-level DP, plus the two ablations (fusion with full upload, top-K without
-fusion). Rounds are simulated in-process with the device's training code
-(`edge_client.caption_training`), upload selection (`edge_client.row_upload`), the server's row
-average (`aggregator.strategies.row_average`) and the privacy mechanism and accountant of
-`fedprompt.common.privacy`; the wire bytes are those of the project's tensor codec (fp16).
+"""`fedprompt caption-experiment`: captioning prompts compared on the same split and seed: the
+frozen captioner without prompts, local-only prompts, federated prompts with plain FedAvg and full
+upload, and AFSPL (fusion of global, local and modality prompts + top-K row upload), with and
+without client-level DP, plus the two ablations (fusion with full upload, top-K without fusion).
+
+Every trained row is the AFSPL method itself (`fedprompt.common.methods.afspl`) at some settings,
+played by the daemon's round coordinator, store and server half with the devices' client halves in
+one process (`fedprompt.harness.in_process`): `gate = "none"` is the shared prompt without fusion,
+`top_k_fraction = 1` the full upload (the per-row average of every row is FedAvg of the prompt),
+and the local-only rows are the same method with each client in a federation of its own. Bytes up
+are those the coordinator counted on its wire encoding (fp16); epsilon is the devices' accountant's.
+Each client is scored with the prompt file its client half left in its state folder (what
+`fedprompt caption` reads).
 
 The split: scenes of Fashion-MNIST TEST images (never seen by either pretraining), one client per
 (caption style, colour cast) pair from the training styles and the casts the captioner never saw,
@@ -16,36 +21,29 @@ cast and classes (BLEU-4, CIDEr-D, greedy and beam search in onnxruntime).
 from __future__ import annotations
 
 import json
+import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
 import torch
 from PIL import Image
 
-from aggregator.strategies.row_average import average_rows
 from edge_client.bundle import Bundle
 from edge_client.caption_data import caption_features
-from edge_client.caption_prompts import prompts_for
+from edge_client.caption_prompts import load_prompt_parts, prompts_for
 from edge_client.caption_search import Decoding, generate
-from edge_client.caption_training import caption_labels, init_fused, init_prompt, train_caption_prompts
+from edge_client.caption_training import caption_labels
+from edge_client.caption_workspace import CaptionedFeatures, CaptionWorkspace
 from edge_client.datasets import load_fashion_mnist
-from edge_client.row_upload import rows_to_send, top_k_rows
 from edge_client.torch_threads import torch_threads
-from fedprompt.common.codec import encode_tensor_set
-from fedprompt.common.privacy import (
-    PrivacyAccountant,
-    client_level_accounting,
-    client_level_mechanism,
-    secure_rng,
-)
-from fedprompt.common.settings import TrainingSettings
+from fedprompt.common.methods import RunSettings
 from fedprompt.harness.caption_metrics import caption_scores
 from fedprompt.harness.caption_scenes import CLIENT_CASTS, TRAIN_STYLES, caption, draw_scenes
-
-LOCAL_PARTS = ("local", "gate_weight", "gate_bias", "modality_weight", "modality_bias")
+from fedprompt.harness.in_process import FederationRules, run_federated
 
 
 @dataclass(frozen=True)
@@ -75,22 +73,43 @@ class CaptionRun:
 @dataclass(frozen=True)
 class Method:
     name: str
-    federated: bool
-    fusion: bool
-    top_k: bool
-    dp: bool
+    trained: bool = True
+    federated: bool = True  # False: each client in a federation of its own (local-only)
+    fusion: bool = True
+    top_k: bool = True
+    dp: bool = False
+
+    def settings(self, run: CaptionRun, seed: int) -> RunSettings:
+        """The AFSPL settings of this row."""
+        return RunSettings.from_flat(
+            "afspl",
+            {
+                "prompt_tokens": run.tokens,
+                "top_k_fraction": run.top_k if self.top_k else 1.0,
+                "gate": "softmax" if self.fusion else "none",
+                "lr": run.lr,
+                "optimizer": "adam",
+                "local_epochs": run.local_epochs,
+                "batch_size": run.batch_size,
+                "seed": seed,
+                "dp": "client" if self.dp else "none",
+                "clip": run.clip,
+                "noise_multiplier": run.noise_multiplier,
+                "delta": run.delta,
+            },
+        )
 
 
 METHODS = (
-    Method("frozen captioner, no prompt", False, False, False, False),
-    Method("local-only prompt", False, False, False, False),
-    Method("local-only fused prompt", False, True, False, False),
-    Method("FedAvg, full upload", True, False, False, False),
-    Method("FedAvg, full upload + DP", True, False, False, True),
-    Method("fusion, full upload", True, True, False, False),
-    Method("top-K upload, no fusion", True, False, True, False),
-    Method("AFSPL (fusion + top-K)", True, True, True, False),
-    Method("AFSPL (fusion + top-K) + DP", True, True, True, True),
+    Method("frozen captioner, no prompt", trained=False),
+    Method("local-only prompt", federated=False, fusion=False, top_k=False),
+    Method("local-only fused prompt", federated=False, top_k=False),
+    Method("FedAvg, full upload", fusion=False, top_k=False),
+    Method("FedAvg, full upload + DP", fusion=False, top_k=False, dp=True),
+    Method("fusion, full upload", top_k=False),
+    Method("top-K upload, no fusion", fusion=False),
+    Method("AFSPL (fusion + top-K)"),
+    Method("AFSPL (fusion + top-K) + DP", dp=True),
 )
 
 
@@ -98,8 +117,9 @@ METHODS = (
 class ClientData:
     style: str
     cast: str
-    train: tuple[np.ndarray, np.ndarray, torch.Tensor]  # features, patches, labels
-    eval: tuple[np.ndarray, np.ndarray, list[list[str]]]  # features, patches, references
+    train: CaptionedFeatures
+    eval: CaptionedFeatures
+    references: list[list[str]]
 
 
 def make_clients(bundle: Bundle, split: CaptionSplit) -> list[ClientData]:
@@ -113,84 +133,56 @@ def make_clients(bundle: Bundle, split: CaptionSplit) -> list[ClientData]:
         canvases, scenes = draw_scenes(
             images, split.train_scenes + split.eval_scenes, (cast,), rng, classes=classes
         )
-        features, patches = caption_features(bundle, (Image.fromarray(c) for c in canvases))
-        n = split.train_scenes
-        labels = caption_labels(tokenizer, [caption(s, style) for s in scenes[:n]])
-        references = [[caption(s, style)] for s in scenes[n:]]
-        clients.append(
-            ClientData(
-                style, cast, (features[:n], patches[:n], labels), (features[n:], patches[n:], references)
-            )
+        features, patches = (
+            torch.from_numpy(a) for a in caption_features(bundle, (Image.fromarray(c) for c in canvases))
         )
+        captions = [caption(s, style) for s in scenes]
+        n = split.train_scenes
+
+        train, held_out = (
+            captioned(features[rows], patches[rows], captions[rows], tokenizer)
+            for rows in (slice(0, n), slice(n, None))
+        )
+        clients.append(ClientData(style, cast, train, held_out, [[c] for c in held_out.captions]))
     return clients
 
 
+def captioned(
+    features: torch.Tensor, patches: torch.Tensor, captions: list[str], tokenizer: Any
+) -> CaptionedFeatures:
+    return CaptionedFeatures(features, patches, caption_labels(tokenizer, captions), tuple(captions))
+
+
 def run_method(bundle: Bundle, clients: list[ClientData], method: Method, run: CaptionRun, seed: int) -> dict:
-    """Train (unless frozen), then score every client on its held-out scenes."""
-    captioner = bundle.captioner()
-    d_model = captioner.d_model
-    generator = torch.Generator().manual_seed(seed)
-    settings = TrainingSettings(
-        lr=run.lr, optimizer="adam", local_epochs=run.local_epochs, batch_size=run.batch_size
-    )
-    global_prompt = init_prompt(run.tokens, d_model, 0.02, torch.Generator().manual_seed(seed))
-    state: list[dict[str, torch.Tensor]] = [{} for _ in clients]
-    bytes_up: list[int] = []
-    accountant = PrivacyAccountant()
-    if method.name.startswith("frozen"):
-        prompts = [None] * len(clients)
-    elif not method.federated:
-        local = replace(settings, local_epochs=run.local_epochs * run.rounds)
-        prompts = []
-        for client in clients:
-            params = _client_params(method, global_prompt, {}, bundle.embed_dim, generator)
-            trained, _ = train_caption_prompts(captioner, params, *client.train, local, generator)
-            prompts.append({k: v.numpy() for k, v in trained.items()})
-    else:
-        k = rows_to_send(run.tokens, run.top_k) if method.top_k else run.tokens
-        for _ in range(run.rounds):
-            uploads = []
-            for index, client in enumerate(clients):
-                params = _client_params(method, global_prompt, state[index], bundle.embed_dim, generator)
-                trained, _ = train_caption_prompts(captioner, params, *client.train, settings, generator)
-                name = "global" if method.fusion else "prompt"
-                state[index] = {p: trained[p] for p in LOCAL_PARTS if p in trained}
-                update = {"rows": (trained[name] - global_prompt).numpy()}
-                if method.dp:
-                    update, _ = client_level_mechanism(update, run.clip, run.noise_multiplier, secure_rng())
-                indices, rows = top_k_rows(update["rows"], k)
-                sent = {"rows": rows, "indices": indices.astype(np.float32)} if method.top_k else update
-                bytes_up.append(len(encode_tensor_set(sent, "fp16")))
-                uploads.append((indices, rows, float(len(client.train[2]))))
-            if method.dp:
-                accountant.step(**client_level_accounting(run.noise_multiplier))
-            new, _ = average_rows(global_prompt.numpy(), uploads)
-            global_prompt = torch.from_numpy(new)
-        prompts = [
-            {
-                k: v.numpy()
-                for k, v in _client_params(
-                    method, global_prompt, state[i], bundle.embed_dim, generator
-                ).items()
-            }
-            for i in range(len(clients))
+    """Train (unless frozen) through the method's two halves, then score every client's prompts."""
+    if not method.trained:
+        return _score(bundle, clients, [None] * len(clients), run) | {
+            "bytes_up_per_client_round": 0,
+            "epsilon": None,
+        }
+    settings = method.settings(run, seed)
+    rules = FederationRules(rounds=run.rounds, seed=seed)
+    with tempfile.TemporaryDirectory(prefix="caption-experiment-") as tmp:
+        root = Path(tmp)
+        workspaces = [
+            CaptionWorkspace(bundle, c.train, c.eval, root / f"client{i}") for i, c in enumerate(clients)
         ]
+        groups = [workspaces] if method.federated else [[ws] for ws in workspaces]
+        records = []
+        for number, group in enumerate(groups):
+            federation = run_federated(settings, group, rules, root / f"state{number}.sqlite", classify=False)
+            records += federation.rounds
+        prompts = [load_prompt_parts(ws.state_dir) for ws in workspaces]
+    epsilons = [r.metrics["epsilon_max"] for r in records if r.metrics["epsilon_max"] is not None]
     return _score(bundle, clients, prompts, run) | {
-        "bytes_up_per_client_round": int(np.mean(bytes_up)) if bytes_up else 0,
-        "epsilon": accountant.epsilon(run.delta) if method.dp else None,
+        "bytes_up_per_client_round": int(np.mean([c.bytes_up for r in records for c in r.clients])),
+        "epsilon": max(epsilons) if epsilons else None,
     }
 
 
-def _client_params(
-    method: Method, global_prompt: torch.Tensor, local: dict, image_dim: int, generator: torch.Generator
-) -> dict[str, torch.Tensor]:
-    if not method.fusion:
-        return {"prompt": global_prompt}
-    params = init_fused(global_prompt, image_dim, 0.02, generator) if not local else {"global": global_prompt}
-    return params | local
-
-
-def _score(bundle: Bundle, clients: list[ClientData], prompts: list, run: CaptionRun) -> dict:
+def _score(
+    bundle: Bundle, clients: list[ClientData], prompts: list[dict[str, np.ndarray] | None], run: CaptionRun
+) -> dict[str, Any]:
     stepper = bundle.caption_stepper(providers=["cpu"])
     tokenizer = bundle.caption_tokenizer()
     spec = bundle.decoder_spec
@@ -198,7 +190,11 @@ def _score(bundle: Bundle, clients: list[ClientData], prompts: list, run: Captio
     results: dict[str, list[float]] = {}
     examples = []
     for client, parts in zip(clients, prompts, strict=True):
-        features, patches, references = client.eval
+        features, patches, references = (
+            client.eval.features.numpy(),
+            client.eval.patches.numpy(),
+            client.references,
+        )
         prompt = prompts_for(parts, features)
         for label, beams in (("greedy", 1), ("beam", run.beams)):
             ids = generate(stepper, prompt, features, patches, start, eos, Decoding(run.max_tokens, beams))

@@ -110,12 +110,15 @@ def run_federated(
     state: Path,
     on_round: Callable[[int], None] | None = None,
     on_upload: UploadHook | None = None,
+    classify: bool = True,
 ) -> FederatedRun:
     """Play `rules.rounds` rounds of the settings' method over the clients' workspaces (all on one
     bundle); the store at `state`
     (which must not exist yet) keeps everything the daemon would. `on_round(round_id)` is called
     after each commit, `on_upload(client index, round, tensors received, tensors sent)` with what
-    the server receives from each client (the decoded wire payload; the privacy audit's view)."""
+    the server receives from each client (the decoded wire payload; the privacy audit's view).
+    `classify` False: no served classifier is scored (captioning methods, whose callers score the
+    devices' prompt files)."""
     if state.exists():
         raise FileExistsError(f"{state} exists; an in-process run starts from a fresh state")
     method = settings.method
@@ -149,7 +152,7 @@ def run_federated(
             driver.join()
         if driver.error is not None:
             raise driver.error
-        served = served_accuracies(coordinator, workspaces, client_ids)
+        served = served_accuracies(coordinator, workspaces, client_ids) if classify else []
         return FederatedRun(uploads.with_local_reports(store.rounds()), client_ids, served)
     finally:
         store.close()

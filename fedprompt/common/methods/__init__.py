@@ -4,11 +4,12 @@ test checks that both sides register exactly these."""
 
 from __future__ import annotations
 
-from fedprompt.common.methods import dpfpl, fedmvp, pfedmoap, promptfl, secfpp
+from fedprompt.common.methods import afspl, dpfpl, fedmvp, pfedmoap, promptfl, secfpp
 from fedprompt.common.methods.spec import MethodSpec, RunSettings, TaskSettings, spec_of
 
 METHOD_SPECS: dict[str, MethodSpec] = {
-    spec.name: spec for spec in (promptfl.SPEC, dpfpl.SPEC, pfedmoap.SPEC, secfpp.SPEC, fedmvp.SPEC)
+    spec.name: spec
+    for spec in (promptfl.SPEC, dpfpl.SPEC, pfedmoap.SPEC, secfpp.SPEC, fedmvp.SPEC, afspl.SPEC)
 }
 METHOD_NAMES: tuple[str, ...] = tuple(METHOD_SPECS)
 
