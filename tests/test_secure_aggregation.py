@@ -127,7 +127,11 @@ def test_a_daemon_killed_mid_session_runs_the_round_again_with_fresh_keys_withou
     tmp_path: Path, tiny_bundle: Path
 ) -> None:
     config, tokens = setup_run(tmp_path, rounds=1, bundle=tiny_bundle)
-    config.write_text(config.read_text().replace("port = 0", f"port = {free_port()}"))
+    # clients reconnect with backoff while the new daemon starts: on a busy machine that can take
+    # longer than 3 s, and a client declared silent would make a second attempt of the round
+    text = config.read_text().replace("port = 0", f"port = {free_port()}")
+    config.write_text(text.replace("client_timeout_s = 3.0", "client_timeout_s = 12.0"))
+    assert "client_timeout_s = 12.0" in config.read_text()
     servers = [AggregatorProcess(config)]
     # client 6 dies after advertising its keys, so the share-keys step stays open for client_timeout_s
     # and no masked input has left a device when the daemon dies
