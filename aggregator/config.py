@@ -80,7 +80,7 @@ class ServerConfig(Section):
     max_stranger_calls: int = 4  # calls without a session in their metadata waiting for their message
     first_message_timeout_s: float = 10.0  # a call whose first message is later than this is cut
     idle_timeout_s: float = 30.0  # so is one with a longer gap between messages (chunks) or reads
-    task_encoding: str = "fp32"  # how global tensors travel to clients
+    task_encoding: str = "fp16"  # how global tensors travel to clients (README: what fp16 and int8 cost)
     update_encoding: str = "fp16"  # how clients must encode updates (fp16: 16 KB for a 16x512 prompt)
     metrics_address: str = (
         ""  # HOST:PORT serving Prometheus metrics at /metrics ("" = off, port 0 = any free)

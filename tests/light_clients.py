@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aggregator.config import ServerConfig
 from edge_client.methods.base import ClientHalf, RoundResult, RoundTask
 from edge_client.runtime import AggregatorLink, ClientError, ClientRuntime
 from edge_client.tls import channel_security
@@ -57,14 +58,20 @@ def prepared_update(index: int, round_id: int, received: dict[str, np.ndarray], 
 
 
 def expected_global(
-    previous: dict[str, np.ndarray], indices: Iterable[int], round_id: int, encoding: str, shape=SHAPE
+    previous: dict[str, np.ndarray],
+    indices: Iterable[int],
+    round_id: int,
+    encoding: str,
+    shape=SHAPE,
+    task_encoding: str = ServerConfig.task_encoding,
 ) -> np.ndarray:
-    """FedAvg of what clients `indices` send in `round_id` on top of `previous`, as the aggregator
-    decodes it (through the wire encoding)."""
+    """FedAvg of what clients `indices` send in `round_id` on top of `previous` as they receive it
+    (through the task encoding), as the aggregator decodes it (through the update encoding)."""
+    received = decode_tensor_set(encode_tensor_set(previous, task_encoding))
     total, weights = 0.0, 0
     for index in indices:
         sent = decode_tensor_set(
-            encode_tensor_set(prepared_update(index, round_id, previous, shape), encoding)
+            encode_tensor_set(prepared_update(index, round_id, received, shape), encoding)
         )
         total = total + examples(index) * sent["ctx"].astype(np.float64)
         weights += examples(index)

@@ -13,7 +13,7 @@ import pytest
 from aggregator_process import FEDPROMPT, AggregatorProcess, RawClient, write_config
 
 from aggregator.store import SQLiteStore
-from fedprompt.common.codec import encode_tensor_set
+from fedprompt.common.codec import decode_tensor_set, encode_tensor_set
 from protos import fedprompt_pb2 as pb
 
 FAST_ROUNDS = {
@@ -145,7 +145,8 @@ def test_rounds_average_by_example_count_and_refuse_bad_updates(tokens_and_confi
         assert clients[1].wait_for_task()[0].status == pb.FINISHED
         model_header, final = clients[1].fetch_global()
         assert model_header.round_id == 3 and model_header.finished
-        np.testing.assert_allclose(final["ctx"], expected_3["ctx"], rtol=1e-6)
+        served = encode_tensor_set({"ctx": expected_3["ctx"].astype(np.float32)}, "fp16")  # the default
+        np.testing.assert_allclose(final["ctx"], decode_tensor_set(served)["ctx"], rtol=1e-6)
         assert server.proc.poll() is None, "the daemon keeps serving the final model"
         assert server.terminate() == 0
     finally:
@@ -161,7 +162,8 @@ def test_rounds_average_by_example_count_and_refuse_bad_updates(tokens_and_confi
     mean_accuracy = (10 * 0.5 + 20 * 0.6 + 30 * 0.7) / 60
     assert first.metrics["client_metrics"]["accuracy"] == pytest.approx(mean_accuracy)
     assert first.metrics["bytes_up_per_client"] == len(encode_tensor_set({"ctx": expected["ctx"]}, "fp32"))
-    sent_down = len(encode_tensor_set({"ctx": expected["ctx"]}, "fp32"))  # round 1: the initial prompt
+    # round 1: the initial prompt; tasks travel in fp16 by default
+    sent_down = len(encode_tensor_set({"ctx": expected["ctx"]}, "fp16"))
     assert first.metrics["bytes_down_per_client"] == records[1].metrics["bytes_down_per_client"] == sent_down
 
     status = subprocess.run(

@@ -73,6 +73,16 @@ method = "local-only"
 label = "PromptFL"
 method = "promptfl"
 [[methods]]
+label = "PromptFL fp32"
+method = "promptfl"
+task_encoding = "fp32"
+update_encoding = "fp32"
+[[methods]]
+label = "PromptFL int8"
+method = "promptfl"
+task_encoding = "int8"
+update_encoding = "int8"
+[[methods]]
 label = "PromptFL + client DP"
 method = "promptfl"
 settings = {{ dp = "client", clip = 0.5 }}
@@ -117,7 +127,7 @@ def _rows(experiment: dict, method: str, seed: int) -> list[dict]:
 def test_writes_csv_json_png_and_markdown_with_the_expected_rows(experiment: dict) -> None:
     rows = experiment["rows"]
     assert tuple(rows[0]) == COLUMNS
-    assert len(rows) == len(SEEDS) * (1 + 3 * ROUNDS)  # zero-shot has round 0 only
+    assert len(rows) == len(SEEDS) * (1 + 5 * ROUNDS)  # zero-shot has round 0 only
     for row in rows:
         assert int(row["participants"]) == 3
         assert 0.0 <= float(row["accuracy"]) <= 1.0
@@ -150,15 +160,29 @@ def test_every_method_of_a_seed_ran_on_the_same_recorded_split(experiment: dict)
 
 def test_bytes_are_those_of_the_wire_encoding(experiment: dict) -> None:
     width = Bundle.open(experiment["json"]["bundle"]["path"]).manifest["text_width"]
-    up = len(encode_tensor_set({"ctx": np.zeros((N_CTX, width), np.float32)}, "fp16"))
-    down = len(encode_tensor_set({"ctx": np.zeros((N_CTX, width), np.float32)}, "fp32"))
+    prompt = {"ctx": np.zeros((N_CTX, width), np.float32)}
+    # the defaults: tasks and updates in fp16; an entry's task_encoding / update_encoding set them
+    for label, encoding in (("PromptFL", "fp16"), ("PromptFL fp32", "fp32"), ("PromptFL int8", "int8")):
+        size = len(encode_tensor_set(prompt, encoding))
+        for seed in SEEDS:
+            first, second = _rows(experiment, label, seed)
+            assert float(first["bytes_up"]) == float(second["bytes_up"]) == size
+            assert (
+                float(first["bytes_down"]) == float(second["bytes_down"]) == size
+            )  # round 1: the initial prompt
+    assert all(float(r["bytes_up"]) == 0.0 for seed in SEEDS for r in _rows(experiment, "local-only", seed))
+
+
+def test_fp16_on_the_wire_serves_the_accuracy_of_fp32(experiment: dict) -> None:
+    """The same split, seed and (noise-free) training with the prompt in fp32 or fp16 both ways:
+    fp16 rounding (relative 2**-11) moves no held-out prediction that matters; int8 (one scale per
+    tensor) is the opt-in whose cost the README measures on the demo split. Tolerance: one of the
+    3 x 40 held-out images."""
+    one_image = 1 / 120 + 1e-6
     for seed in SEEDS:
-        first, second = _rows(experiment, "PromptFL", seed)
-        assert float(first["bytes_up"]) == float(second["bytes_up"]) == up
-        assert (
-            float(first["bytes_down"]) == float(second["bytes_down"]) == down
-        )  # round 1: the initial prompt
-        assert all(float(r["bytes_up"]) == 0.0 for r in _rows(experiment, "local-only", seed))
+        exact, half = (_rows(experiment, label, seed)[-1] for label in ("PromptFL fp32", "PromptFL"))
+        assert float(half["served_accuracy"]) == pytest.approx(float(exact["served_accuracy"]), abs=one_image)
+        assert float(half["accuracy"]) == pytest.approx(float(exact["accuracy"]), abs=one_image)
 
 
 def test_dp_run_spends_the_target_epsilon_and_plain_runs_none(experiment: dict) -> None:
@@ -260,6 +284,8 @@ def test_local_evaluation_keeps_classes_in_the_clients_training_proportions() ->
         ({"methods": [{"method": "fedavg"}]}, "method must be one of zero-shot, local-only"),
         ({"methods": [{"method": "promptfl", "target_epsilon": 2.0}]}, "needs settings dp"),
         ({"training": {"seed": 3}, "methods": [{"method": "promptfl"}]}, "seed comes from the experiment"),
+        ({"methods": [{"method": "promptfl", "task_encoding": "bf16"}]}, "task_encoding must be one of fp32"),
+        ({"methods": [{"method": "local-only", "update_encoding": "int8"}]}, "sends nothing over the wire"),
         (
             {
                 "methods": [

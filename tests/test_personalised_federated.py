@@ -40,7 +40,7 @@ def check_pfedmoap(records: list[RoundRecord], final: RoundRecord) -> None:
     assert sorted(pool.prompts) == sorted(final.metrics["clients"])
     assert all(prompt.shape == (N_CTX, WIDTH) for prompt in pool.prompts.values())
     for client in records[1].clients:  # round 2: the global prompt and one expert (the other client)
-        assert client.bytes_down >= 2 * N_CTX * WIDTH * 4
+        assert client.bytes_down >= 2 * N_CTX * WIDTH * 2  # in fp16, the default task encoding
 
 
 @pytest.mark.parametrize(

@@ -138,14 +138,14 @@ def _audit_seed(
             results.audit.append(row)
 
 
-def _rules(config: ExperimentConfig, seed: int, update_encoding: str | None = None) -> FederationRules:
-    """The daemon's rules of a run; `update_encoding` (an entry's own) overrides [rounds]'s."""
+def _rules(config: ExperimentConfig, seed: int, entry: MethodEntry | None = None) -> FederationRules:
+    """The daemon's rules of a run; an entry's own encodings override [rounds]'s."""
     return FederationRules(
         rounds=config.rounds.rounds,
         fraction=config.rounds.fraction,
         seed=seed,
-        task_encoding=config.rounds.task_encoding,
-        update_encoding=update_encoding or config.rounds.update_encoding,
+        task_encoding=(entry and entry.task_encoding) or config.rounds.task_encoding,
+        update_encoding=(entry and entry.update_encoding) or config.rounds.update_encoding,
     )
 
 
@@ -194,7 +194,7 @@ def _run_entry(
     workspaces = [fresh_workspace(ws, run_dir / f"client-{i}") for i, ws in enumerate(clients.workspaces)]
     if entry.method == LOCAL_ONLY:
         return _local_only_rows(workspaces, settings.core, config, clients.domains, identity, on_round)
-    rules = _rules(config, identity["seed"], entry.update_encoding)
+    rules = _rules(config, identity["seed"], entry)
     run = run_federated(settings, workspaces, rules, run_dir / "aggregator.sqlite", on_round)
     domains = dict(zip(run.client_ids, clients.domains, strict=True))
     rows = [

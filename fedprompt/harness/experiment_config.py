@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from aggregator.config import ServerConfig
 from aggregator.strategies.registry import SERVER_STRATEGIES
 from edge_client.methods.registry import CLIENT_METHODS
 from fedprompt.common.codec import ENCODINGS
@@ -100,12 +101,13 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class RoundsConfig:
-    """The daemon's round rules for every federated method, and the wire encodings."""
+    """The daemon's round rules for every federated method, and the wire encodings (the daemon's
+    defaults unless set; a [[methods]] entry's `encoding` sets both for that entry)."""
 
     rounds: int = 10
     fraction: float = 1.0
-    task_encoding: str = "fp32"
-    update_encoding: str = "fp16"
+    task_encoding: str = ServerConfig.task_encoding
+    update_encoding: str = ServerConfig.update_encoding
 
 
 @dataclass(frozen=True)
@@ -115,14 +117,15 @@ class MethodEntry:
     section of the method's spec that owns it). `target_epsilon` or `match_epsilon_of` (the label
     of another entry, whose final epsilon at the same seed becomes the target) set the noise
     multiplier by searching the accountant, so entries are compared at equal epsilon.
-    `update_encoding` (None: [rounds]'s) is this entry's wire encoding of the clients' updates, so
-    that encodings can be compared on the same split."""
+    `task_encoding` / `update_encoding` (None: [rounds]'s) are this entry's wire encodings of the
+    tasks and of the clients' updates, so that encodings can be compared on the same split."""
 
     label: str
     method: str
     settings: RunSettings  # baselines: PromptFL's (local-only trains PromptFL's client half)
     target_epsilon: float | None = None
     match_epsilon_of: str | None = None
+    task_encoding: str | None = None
     update_encoding: str | None = None
 
     @property
@@ -303,7 +306,8 @@ def _check(config: ExperimentConfig) -> None:
 def _method(values: Any, training: dict[str, Any], index: int) -> MethodEntry:
     where = f"[[methods]] #{index + 1}"
     _require(isinstance(values, dict), f"{where} must be a table")
-    known = {"label", "method", "settings", "target_epsilon", "match_epsilon_of", "update_encoding"}
+    known = {"label", "method", "settings", "target_epsilon", "match_epsilon_of"}
+    known |= {"task_encoding", "update_encoding"}
     unknown = sorted(set(values) - known)
     _require(not unknown, f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     method = values.get("method")
@@ -338,12 +342,16 @@ def _method(values: Any, training: dict[str, Any], index: int) -> MethodEntry:
             settings.core.dp != "none", f"{label}: an epsilon target needs settings dp = client or sample"
         )
         _require(method != ZERO_SHOT, f"{label}: zero-shot trains nothing and spends no epsilon")
-    encoding = values.get("update_encoding")
-    _require(
-        encoding is None or encoding in ENCODINGS,
-        f"{label}: update_encoding must be one of {', '.join(ENCODINGS)}",
-    )
-    return MethodEntry(label, method, settings, None if target is None else float(target), match, encoding)
+    encodings = {key: values.get(key) for key in ("task_encoding", "update_encoding")}
+    for key, encoding in encodings.items():
+        _require(
+            encoding is None or encoding in ENCODINGS,
+            f"{label}: {key} must be one of {', '.join(ENCODINGS)}, got {encoding!r}",
+        )
+        _require(
+            encoding is None or method not in BASELINES, f"{label}: {method} sends nothing over the wire"
+        )
+    return MethodEntry(label, method, settings, None if target is None else float(target), match, **encodings)
 
 
 def _claim(values: Any, index: int) -> Claim:

@@ -173,8 +173,9 @@ def markdown_summary(results: ExperimentResults) -> str:
         "",
         f"{split.num_clients} clients, {scheme}, domains {', '.join(split.shifts)}, "
         f"{split.evaluation} held-out sets; {config.rounds.rounds} rounds, "
-        f"fraction {config.rounds.fraction:g}, updates "
-        f"{config.rounds.update_encoding}; seeds {', '.join(map(str, config.seeds))} (split ids {ids}); "
+        f"fraction {config.rounds.fraction:g}, tasks {config.rounds.task_encoding} and updates "
+        f"{config.rounds.update_encoding} (unless an entry says); "
+        f"seeds {', '.join(map(str, config.seeds))} (split ids {ids}); "
         f"bundle {bundle.manifest['model']} ({bundle.digest[:12]}). Accuracy on each client's held-out "
         f"set, clients weighted equally, mean ± std over seeds. Trained: each client's model after its "
         f"last round of local training (a personalised method's own model; PromptFL's local prompt before "

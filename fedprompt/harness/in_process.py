@@ -48,8 +48,8 @@ class FederationRules:
     rounds: int
     fraction: float = 1.0
     seed: int = 0
-    task_encoding: str = "fp32"
-    update_encoding: str = "fp16"
+    task_encoding: str = ServerConfig.task_encoding
+    update_encoding: str = ServerConfig.update_encoding
 
     def aggregator_config(self, settings: RunSettings, clients: int, state: Path, bundle: Path):
         """The daemon's config for this run, checked by the daemon's own rules."""
