@@ -109,7 +109,7 @@ def test_metrics_health_and_status_watch_during_a_real_run(tmp_path: Path, tiny_
         assert after[("fedprompt_updates_accepted_total", ())] == 6
         assert after[("fedprompt_round_duration_seconds_count", ())] == 2
         assert after[("fedprompt_epsilon_spent", run)] == pytest.approx(EPSILON[2] + 0.02)
-        watch.wait_for_log(r"^ +2 +3 +30 +- +4\.0 +4\.0 +0\.92$")  # round 2's row (16x64 ctx), its epsilon
+        watch.wait_for_log(r"^ +2 +3 +30 +- +4\.0 +2\.0 +0\.92$")  # round 2: 16x64 ctx, up fp32, down fp16
         assert server.terminate() == 0
     finally:
         server.kill()
