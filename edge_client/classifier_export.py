@@ -21,13 +21,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from edge_client.bundle import BundleError
-from edge_client.datasets import DatasetError
-from edge_client.device_run import DeviceRunError
 from edge_client.exported_classifier import CLASSIFIER_MANIFEST, ENCODER_FILE, HEAD_FILE
 from edge_client.local_privacy import ACCOUNTANT_FILE
-from edge_client.predict import DeviceClassifier
-from edge_client.workspace import WorkspaceError
+from edge_client.predict import DEVICE_ERRORS, DeviceClassifier, device_options
 from fedprompt.common.privacy import PrivacyAccountant, PrivacyStateError
 
 HEAD_OPSET = 17
@@ -126,19 +122,7 @@ def export_classifier(
 
 
 @click.command("export-classifier")
-@click.option(
-    "--bundle",
-    "bundle_dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    required=True,
-    help="The bundle the device trained with.",
-)
-@click.option(
-    "--state-dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    required=True,
-    help="The device's state folder after `fedprompt client run` finished a run.",
-)
+@device_options
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
@@ -153,7 +137,7 @@ def export_classifier_command(bundle_dir: Path, state_dir: Path, out: Path, prec
     try:
         classifier = DeviceClassifier.load(bundle_dir, state_dir)
         manifest = export_classifier(classifier, out, precision)
-    except (BundleError, DatasetError, DeviceRunError, PrivacyStateError, WorkspaceError, OSError) as error:
+    except (*DEVICE_ERRORS, PrivacyStateError) as error:
         raise click.ClickException(str(error).splitlines()[0]) from None
     size = sum((out / name).stat().st_size for name in manifest["files"])
     privacy = manifest["privacy"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,40 +160,68 @@ class ExportedClassifier:
         return logits
 
 
+def classification_options(command: Callable[..., None]) -> Callable[..., None]:
+    """IMAGES, --data, --top-k and --json: what every command that classifies takes."""
+    options = [
+        click.argument("images", nargs=-1, type=click.Path(path_type=Path)),
+        click.option(
+            "--data",
+            type=click.Path(exists=True, file_okay=False, path_type=Path),
+            default=None,
+            help="A labelled ImageFolder tree (root/class_name/*.png) instead of IMAGES: also "
+            "prints the accuracy.",
+        ),
+        click.option(
+            "--top-k",
+            "k",
+            type=click.IntRange(min=1),
+            default=3,
+            show_default=True,
+            help="Classes shown per image.",
+        ),
+        click.option(
+            "--json",
+            "json_path",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help="Also write every prediction (and the accuracy) here.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def subject_of(images: Sequence[Path], data: Path | None, class_names: Sequence[str]) -> ImageSet:
+    """The images the user gave: loose files or a labelled folder, one of the two."""
+    if bool(images) == (data is not None):
+        raise click.UsageError("give image files or --data DIR (one of the two)")
+    return labelled(data, class_names) if data else unlabelled(images, class_names)
+
+
+def show_results(
+    subject: ImageSet, logits: np.ndarray, scored: bool, k: int, json_path: Path | None, about: dict[str, Any]
+) -> None:
+    """Print each image's top-k (and the accuracy when `scored`), and write the JSON if asked."""
+    found = predictions(subject, logits, k)
+    accuracy = accuracy_of(subject, logits) if scored else None
+    echo_predictions(found, accuracy, len(subject))
+    if json_path is not None:
+        json_path.write_text(json.dumps(report(found, accuracy, about), indent=2) + "\n")
+
+
 @click.command("classify")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
-@click.option(
-    "--data",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    help="A labelled ImageFolder tree (root/class_name/*.png): also prints the accuracy.",
-)
-@click.option(
-    "--top-k", "k", type=click.IntRange(min=1), default=3, show_default=True, help="Classes shown per image."
-)
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Also write every prediction (and the accuracy) here.",
-)
+@classification_options
 def classify(
     folder: Path, images: tuple[Path, ...], data: Path | None, k: int, json_path: Path | None
 ) -> None:
     """Classify IMAGES (or a labelled --data folder) with an exported classifier, torch-free."""
-    if bool(images) == (data is not None):
-        raise click.UsageError("give image files or --data DIR (one of the two)")
     classifier = ExportedClassifier(folder)
-    subject = labelled(data, classifier.class_names) if data else unlabelled(images, classifier.class_names)
+    subject = subject_of(images, data, classifier.class_names)
     logits = classifier.logits(classifier.features(subject))
-    found = predictions(subject, logits, k)
-    accuracy = accuracy_of(subject, logits) if data else None
-    echo_predictions(found, accuracy, len(subject))
-    if json_path is not None:
-        about = {key: classifier.manifest[key] for key in ("run_id", "round_id", "method")}
-        json_path.write_text(json.dumps(report(found, accuracy, about), indent=2) + "\n")
+    about = {key: classifier.manifest[key] for key in ("run_id", "round_id", "method")}
+    show_results(subject, logits, data is not None, k, json_path, about)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ image-encoder pass (features cached by content, as in training) plus the head.
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,14 +22,7 @@ from edge_client.bundle import Bundle, BundleError
 from edge_client.class_heads import encoded_features
 from edge_client.datasets import DatasetError, ImageSet
 from edge_client.device_run import DeviceRun, DeviceRunError, load_device_run
-from edge_client.exported_classifier import (
-    accuracy_of,
-    echo_predictions,
-    labelled,
-    predictions,
-    report,
-    unlabelled,
-)
+from edge_client.exported_classifier import classification_options, show_results, subject_of
 from edge_client.features import image_features
 from edge_client.methods.registry import CLIENT_METHODS
 from edge_client.workspace import FEATURES_DIR, ClientWorkspace, LabelledFeatures, WorkspaceError
@@ -78,63 +71,49 @@ class DeviceClassifier:
         return self.head(torch.from_numpy(features.astype(np.float32))).numpy()
 
 
+def device_options(command: Callable[..., None]) -> Callable[..., None]:
+    """--bundle and --state-dir: the device whose finished run a command classifies with."""
+    command = click.option(
+        "--state-dir",
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        required=True,
+        help="The device's state folder after `fedprompt client run` finished a run.",
+    )(command)
+    return click.option(
+        "--bundle",
+        "bundle_dir",
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        required=True,
+        help="The bundle the device trained with.",
+    )(command)
+
+
+DEVICE_ERRORS = (BundleError, DatasetError, DeviceRunError, WorkspaceError, OSError)
+
+
 @click.command("predict")
-@click.option(
-    "--bundle",
-    "bundle_dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    required=True,
-    help="The bundle the device trained with.",
-)
-@click.option(
-    "--state-dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    required=True,
-    help="The device's state folder after `fedprompt client run` finished a run.",
-)
-@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
-@click.option(
-    "--data",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    help="A labelled ImageFolder tree (root/class_name/*.png) instead of IMAGES: also prints the accuracy.",
-)
-@click.option(
-    "--top-k", "k", type=click.IntRange(min=1), default=3, show_default=True, help="Classes shown per image."
-)
+@device_options
+@classification_options
 @click.option("--precision", default=None, help="Image encoder precision (default: the bundle's).")
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Also write every prediction (and the accuracy) here.",
-)
 def predict_command(
     bundle_dir: Path,
     state_dir: Path,
     images: tuple[Path, ...],
     data: Path | None,
     k: int,
-    precision: str | None,
     json_path: Path | None,
+    precision: str | None,
 ) -> None:
     """Classify IMAGES (or a labelled --data folder) with the model this device holds after a run:
-    the global prompt for PromptFL, the personalised model for DP-FPL, pFedMoAP and SecFPP."""
-    if bool(images) == (data is not None):
-        raise click.UsageError("give image files or --data DIR (one of the two)")
+    the global prompt for PromptFL, the personalised model for DP-FPL, pFedMoAP, SecFPP and
+    FedMVP."""
     try:
         classifier = DeviceClassifier.load(bundle_dir, state_dir)
-        names = classifier.run.class_names
-        subject = labelled(data, names) if data else unlabelled(images, names)
+        subject = subject_of(images, data, classifier.run.class_names)
         logits = classifier.logits(classifier.features(subject, precision))
-    except (BundleError, DatasetError, DeviceRunError, WorkspaceError, OSError) as error:
+    except DEVICE_ERRORS as error:
         raise click.ClickException(str(error).splitlines()[0]) from None
-    found = predictions(subject, logits, k)
-    accuracy = accuracy_of(subject, logits) if data else None
     run = classifier.run
     click.echo(f"run {run.run_id}, {run.method}, model of round {run.round_id}")
-    echo_predictions(found, accuracy, len(subject))
-    if json_path is not None:
-        about = {"run_id": run.run_id, "round_id": run.round_id, "method": run.method}
-        json_path.write_text(json.dumps(report(found, accuracy, about), indent=2) + "\n")
+    about = {"run_id": run.run_id, "round_id": run.round_id, "method": run.method}
+    show_results(subject, logits, data is not None, k, json_path, about)
