@@ -61,7 +61,8 @@ def test_a_hostile_first_upload_cannot_set_the_shapes_and_honest_clients_complet
         header, tensors = hostile.wait_for_task()
         digest = hashlib.sha256((tiny_bundle / "manifest.json").read_bytes()).hexdigest()
         assert header.status == pb.TRAIN and header.bundle_digest == digest
-        np.testing.assert_array_equal(tensors["ctx"], initial_context(*SHAPE, 0.02, 0))  # before round 1
+        expected = initial_context(*SHAPE, 0.02, 0).astype(np.float16).astype(np.float32)  # fp16 tasks
+        np.testing.assert_array_equal(tensors["ctx"], expected)  # before round 1
         good = tensors["ctx"] + 0.01
         assert "do not match this run's {'ctx': (16, 64)}" in _refused(
             lambda: hostile.push(1, {"ctx": np.zeros((1, 1), np.float32)}, 10)

@@ -38,7 +38,7 @@ METHOD_SETTINGS = {
 }
 
 
-def _clients(bundle: Path, root: Path, count: int = 3) -> list[ClientWorkspace]:
+def _clients(bundle: Path, root: Path, count: int = 4) -> list[ClientWorkspace]:
     return [
         ClientWorkspace.load(
             bundle,
