@@ -8,8 +8,6 @@ float rounding between onnxruntime and torch."""
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 
 from edge_client.bundle import Bundle
 from edge_client.caption_training import CaptionObjective, init_fused, init_prompt
+from edge_client.step_timing import compare_steps, max_rel_error
 from edge_client.torch_threads import torch_threads
 
 Step = Callable[[], tuple[float, torch.Tensor]]
@@ -67,28 +66,5 @@ def _benchmark(bundle: Bundle, batch_size: int, steps: int, threads: int | None)
         "re-encode: torch image tower on the batch each step": step_of(every_step),
         "fedprompt AFSPL: cached pooled features + patch tokens": step_of(lambda: cached),
     }
-    results = [fn() for fn in variants.values()]
-    timings: list[list[float]] = [[] for _ in variants]
-    for _ in range(steps):
-        for index, fn in enumerate(variants.values()):
-            began = time.perf_counter()
-            fn()
-            timings[index].append(time.perf_counter() - began)
-    (reference_loss, reference_grad), _ = results
-    rows = [
-        {
-            "variant": name,
-            "median_s": statistics.median(times),
-            "times_s": times,
-            "speedup": statistics.median(timings[0]) / statistics.median(times),
-            "loss": loss,
-            "loss_rel_error": abs(loss - reference_loss) / abs(reference_loss),
-            "grad_rel_error": float((grad - reference_grad).norm() / reference_grad.norm()),
-        }
-        for name, times, (loss, grad) in zip(variants, timings, results, strict=True)
-    ]
-    return {
-        "rows": rows,
-        "speedup": rows[-1]["speedup"],
-        "max_rel_error": max(max(r["loss_rel_error"], r["grad_rel_error"]) for r in rows),
-    }
+    rows = compare_steps(variants, steps)
+    return {"rows": rows, "speedup": rows[-1]["speedup"], "max_rel_error": max_rel_error(rows)}

@@ -13,8 +13,6 @@ blocks are what remains of a step in both.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch
 from edge_client.attributes import sentences
 from edge_client.bundle import Bundle
 from edge_client.methods.fedmvp_objective import FedMVPObjective
+from edge_client.step_timing import compare_steps, max_rel_error
 from edge_client.torch_threads import torch_threads
 from edge_client.training import normalise
 from fedprompt.common.promptformer import PromptFormerShape, initial_promptformer
@@ -94,30 +93,10 @@ def _benchmark(
         "official FedMVP: texts full length, encoder on flips each step": step_of(official_inputs),
         "fedprompt FedMVP: cached texts, flip features, embeddings": step_of(lambda: cached),
     }
-    results = [fn() for fn in variants.values()]
-    timings: list[list[float]] = [[] for _ in variants]
-    for _ in range(steps):
-        for index, fn in enumerate(variants.values()):
-            began = time.perf_counter()
-            fn()
-            timings[index].append(time.perf_counter() - began)
-    (reference_loss, reference_grad), _ = results
-    rows = []
-    for name, times, (loss, grad) in zip(variants, timings, results, strict=True):
-        rows.append(
-            {
-                "variant": name,
-                "median_s": statistics.median(times),
-                "times_s": times,
-                "speedup": statistics.median(timings[0]) / statistics.median(times),
-                "loss": loss,
-                "loss_rel_error": abs(loss - reference_loss) / abs(reference_loss),
-                "grad_rel_error": float((grad - reference_grad).norm() / reference_grad.norm()),
-            }
-        )
+    rows = compare_steps(variants, steps)
     return {
         "sentences": len(found.texts),
         "rows": rows,
         "speedup": rows[-1]["speedup"],
-        "max_rel_error": max(max(r["loss_rel_error"], r["grad_rel_error"]) for r in rows),
+        "max_rel_error": max_rel_error(rows),
     }

@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +23,13 @@ import click
 import numpy as np
 import onnxruntime as ort
 import torch
-from tqdm import tqdm
 
 from edge_client.afspl_bench import afspl_benchmark
 from edge_client.bundle import Bundle, BundleError
 from edge_client.fedmvp_bench import fedmvp_benchmark
 from edge_client.prompt_encoder import PromptTextEncoder
 from edge_client.prompts import initial_context, tokenize_class_prompts
+from edge_client.step_timing import compare_steps, max_rel_error
 from edge_client.torch_threads import torch_threads
 from edge_client.training import normalise, prompt_loss
 
@@ -95,10 +93,6 @@ def make_step(
     return step, encode.prompts.length
 
 
-def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((value - reference).norm() / reference.norm())
-
-
 def run_benchmark(
     bundle_dir: Path,
     classes: int,
@@ -137,31 +131,10 @@ def _run_benchmark(
     step_fns, lengths = zip(
         *(make_step(v, bundle, session, images, cached, labels, ctx, names) for v in VARIANTS), strict=True
     )
-    timings: list[list[float]] = [[] for _ in VARIANTS]
-    results = [fn() for fn in step_fns]  # warm-up, and the values to compare
-    with tqdm(total=steps * len(VARIANTS), desc="timing steps", unit="step", leave=False) as progress:
-        for _ in range(steps):
-            for index, fn in enumerate(step_fns):
-                started = time.perf_counter()
-                fn()
-                timings[index].append(time.perf_counter() - started)
-                progress.update()
-    reference_loss, reference_grad = results[0]
-    rows = []
-    for variant, times, (loss, grad), length in zip(VARIANTS, timings, results, lengths, strict=True):
-        median = statistics.median(times)
-        rows.append(
-            {
-                "variant": variant.name,
-                "prompt_length": length,
-                "median_s": median,
-                "times_s": times,
-                "speedup": statistics.median(timings[0]) / median,
-                "loss": loss,
-                "loss_rel_error": abs(loss - reference_loss) / abs(reference_loss),
-                "grad_rel_error": relative_error(grad, reference_grad),
-            }
-        )
+    steps_by_name = {variant.name: fn for variant, fn in zip(VARIANTS, step_fns, strict=True)}
+    rows = compare_steps(steps_by_name, steps, progress=True)
+    for row, length in zip(rows, lengths, strict=True):
+        row["prompt_length"] = length
     fedprompt = rows[-1]
     return {
         "bundle": str(bundle_dir),
@@ -174,7 +147,7 @@ def _run_benchmark(
         "threads": threads,
         "rows": rows,
         "speedup": fedprompt["speedup"],
-        "max_rel_error": max(max(r["loss_rel_error"], r["grad_rel_error"]) for r in rows),
+        "max_rel_error": max_rel_error(rows),
         "machine": machine_description(),
     }
 
